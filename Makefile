@@ -1,0 +1,37 @@
+# Set-up and entry points. `make demo` and `make test` are the README's two commands:
+# each creates the venv, installs the project and builds rustbpe on a fresh machine first.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build lies on this machine's disk; elsewhere override, e.g. TORCH_SPEC='torch>=2.4'.
+TORCH_SPEC ?= torch==2.13.0
+PRESET ?= cpu-demo
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml scripts/build_rustbpe.sh $(wildcard rustbpe/Cargo.toml rustbpe/src/*.rs)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	VENV=$(VENV) bash scripts/build_rustbpe.sh
+	touch $@
+
+demo: setup
+	$(BIN)/curtail-llm up --preset $(PRESET)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -ra
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup
+	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) rustbpe/target .pytest_cache .ruff_cache

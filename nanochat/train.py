@@ -1,0 +1,288 @@
+"""The one training loop, shared by scripts/base_train.py (torchrun baseline) and the Flower
+ClientApp. Schedules (LR, Muon momentum, weight decay) are functions of the GLOBAL step, so a
+site that resumes at step k continues the run's schedule instead of restarting it."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import is_ddp
+from nanochat.dataloader import DataLoader
+from nanochat.gpt import GPT, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    # model
+    depth: int = 4
+    vocab_size: int = 8192
+    sequence_len: int = 256
+    # batch: total_batch_size tokens per optimizer step, reached by gradient accumulation
+    device_batch_size: int = 8
+    total_batch_size: int = 4096
+    # schedule
+    num_iterations: int = 1000  # length of the LR / weight-decay schedule in steps
+    embedding_lr: float = 0.2  # AdamW, wte (scaled by (n_embd/768)^-0.5)
+    unembedding_lr: float = 0.004  # AdamW, lm_head (same scaling)
+    matrix_lr: float = 0.02  # Muon, all transformer matrices
+    weight_decay: float = 0.0  # Muon, decays linearly to 0 over num_iterations
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.2
+    final_lr_frac: float = 0.0
+    momentum_warmup_steps: int = 300  # Muon momentum 0.85 -> 0.95
+    # evaluation
+    eval_every: int = 100
+    eval_tokens: int = 65536
+    seed: int = 42
+
+    def grad_accum_steps(self, world: int = 1) -> int:
+        per_step = self.device_batch_size * self.sequence_len * world
+        if self.total_batch_size % per_step:
+            raise ValueError(
+                f"total_batch_size={self.total_batch_size} is not a multiple of device_batch_size"
+                f" * sequence_len * world = {per_step}"
+            )
+        return self.total_batch_size // per_step
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps taken in this call
+    tokens: int  # tokens trained on, over all ranks
+    losses: list[float]  # mean training loss per step (averaged over ranks)
+    start_step: int
+    end_step: int
+    stopped_by: str  # "steps" | "deadline" | "stop" | "data"
+    started_at: float
+    ended_at: float
+    cursor: list[dict]  # loader cursor of every rank, index = rank
+    consumed: dict[str, int]  # rows consumed per chunk, merged over ranks
+    stats: dict = field(default_factory=dict)  # loader stats summed over ranks
+
+
+def build_model(
+    cfg: TrainConfig, device: str | torch.device = "cpu"
+) -> tuple[GPT, list[torch.optim.Optimizer]]:
+    """A freshly initialised GPT for cfg (seeded by cfg.seed) and its [AdamW, Muon]."""
+    model_cfg = GPTConfig.from_depth(cfg.depth, vocab_size=cfg.vocab_size, sequence_len=cfg.sequence_len)
+    torch.manual_seed(cfg.seed)
+    with torch.device("meta"):  # allocate once, on the target device, then initialise there
+        model = GPT(model_cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    optimizers = model.setup_optimizers(
+        unembedding_lr=cfg.unembedding_lr,
+        embedding_lr=cfg.embedding_lr,
+        matrix_lr=cfg.matrix_lr,
+        weight_decay=cfg.weight_decay,
+    )
+    return model, optimizers
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, constant, then linear warmdown to final_lr_frac (nanochat)."""
+    n = cfg.num_iterations
+    warmup = round(cfg.warmup_ratio * n)
+    warmdown = round(cfg.warmdown_ratio * n)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= n - warmdown:
+        return 1.0
+    progress = max(0.0, (n - step) / warmdown)
+    return progress + (1 - progress) * cfg.final_lr_frac
+
+
+def muon_momentum(step: int, cfg: TrainConfig) -> float:
+    frac = min(step / cfg.momentum_warmup_steps, 1.0) if cfg.momentum_warmup_steps else 1.0
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def weight_decay_multiplier(step: int, cfg: TrainConfig) -> float:
+    return max(0.0, 1 - step / cfg.num_iterations)
+
+
+def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, cfg: TrainConfig) -> float:
+    """Set every group's lr/weight decay (and Muon's momentum) for global step; returns the LR
+    multiplier. Groups carry initial_lr / initial_weight_decay from setup_optimizers."""
+    lrm = lr_multiplier(step, cfg)
+    wdm = weight_decay_multiplier(step, cfg)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            group["weight_decay"] = group["initial_weight_decay"] * wdm
+            if "momentum" in group:  # Muon
+                group["momentum"] = muon_momentum(step, cfg)
+    return lrm
+
+
+def _all_reduce(values: list[float], op: dist.ReduceOp, device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def _gather(obj):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+STOP_CODES = {1: "data", 2: "stop", 3: "deadline", 4: "steps"}
+
+
+def run(
+    model: GPT,
+    optimizers: list[torch.optim.Optimizer],
+    loader: DataLoader | Iterator,
+    cfg: TrainConfig,
+    *,
+    start_step: int = 0,
+    max_steps: int | None = None,
+    deadline: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, float, float, float], None] | None = None,
+    ddp: bool | None = None,
+    autocast_ctx=None,
+) -> TrainResult:
+    """Train from global step start_step until one of: max_steps steps taken ("steps"), the
+    next step would end after the wall-clock deadline (epoch seconds, "deadline"), should_stop()
+    returns True ("stop"), or the loader is exhausted ("data"). With ddp (default: whether a
+    process group exists) gradients are averaged by the optimizers, the stop decision is taken
+    jointly (any rank stopping stops all, so collectives never hang), and the returned
+    losses/tokens/cursor/consumed cover all ranks. on_step(step, loss, tokens_per_s, lr_mult)
+    is called on every rank after each step, with the global step just completed."""
+    ddp = is_ddp() if ddp is None else ddp
+    world = dist.get_world_size() if ddp else 1
+    device = next(model.parameters()).device
+    autocast_ctx = autocast_ctx or contextlib.nullcontext()
+    grad_accum = cfg.grad_accum_steps(world)
+    tokens_per_step = cfg.total_batch_size
+
+    model.train()
+    step = start_step
+    losses: list[float] = []
+    started_at = time.time()
+    last_step_s = 0.0
+    stopped_by = "steps"
+    while True:
+        # Decide locally, then agree: the highest-priority reason of any rank wins.
+        code = 0
+        if max_steps is not None and step - start_step >= max_steps:
+            code = 4
+        elif deadline is not None and time.time() + last_step_s > deadline:
+            code = 3
+        elif should_stop is not None and should_stop():
+            code = 2
+        batches = []
+        if not code:
+            try:
+                batches = [next(loader) for _ in range(grad_accum)]
+            except StopIteration:
+                code = 1
+        if ddp:
+            code = int(_all_reduce([code], dist.ReduceOp.MAX, device)[0])
+        if code:
+            stopped_by = STOP_CODES[code]
+            break
+
+        t0 = time.time()
+        lrm = apply_schedules(optimizers, step, cfg)
+        loss_sum = torch.zeros((), device=device)
+        for x, y in batches:
+            with autocast_ctx:
+                loss = model(x.to(device), y.to(device))
+            loss_sum += loss.detach()
+            (loss / grad_accum).backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        mean_loss = loss_sum.item() / grad_accum
+        if ddp:
+            mean_loss = _all_reduce([mean_loss], dist.ReduceOp.SUM, device)[0] / world
+        step += 1
+        losses.append(mean_loss)
+        last_step_s = time.time() - t0
+        if on_step is not None:
+            on_step(step, mean_loss, tokens_per_step / max(last_step_s, 1e-9), lrm)
+
+    cursor = loader.cursor() if hasattr(loader, "cursor") else None
+    consumed = loader.consumed() if hasattr(loader, "consumed") else {}
+    stats = dict(getattr(loader, "stats", {}))
+    if ddp:
+        cursors = _gather(cursor)
+        consumed = {k: v for part in _gather(consumed) for k, v in part.items()}
+        stats = {k: sum(s[k] for s in _gather(stats)) for k in stats}
+    else:
+        cursors = [cursor]
+    n_steps = step - start_step
+    return TrainResult(
+        steps=n_steps,
+        tokens=n_steps * tokens_per_step,
+        losses=losses,
+        start_step=start_step,
+        end_step=step,
+        stopped_by=stopped_by,
+        started_at=started_at,
+        ended_at=time.time(),
+        cursor=cursors,
+        consumed=consumed,
+        stats=stats,
+    )
+
+
+@torch.no_grad()
+def evaluate_bpb(
+    model: GPT,
+    loader: DataLoader | Iterator,
+    token_bytes: torch.Tensor,
+    steps: int,
+    autocast_ctx=None,
+) -> float:
+    """Bits per byte over `steps` batches: summed token losses (nats) / ln 2 / summed UTF-8
+    bytes of the target tokens. Special-token targets (0 bytes) carry no loss or bytes, so
+    the number is independent of the vocabulary. Summed over ranks under DDP; stops early if
+    the loader runs out."""
+    autocast_ctx = autocast_ctx or contextlib.nullcontext()
+    device = next(model.parameters()).device
+    token_bytes = token_bytes.to(device)
+    was_training = model.training
+    model.eval()
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    nbytes = torch.zeros((), dtype=torch.float64, device=device)
+    for _ in range(steps):
+        try:
+            x, y = next(loader)
+        except StopIteration:
+            break
+        x, y = x.to(device), y.to(device)
+        with autocast_ctx:
+            loss2d = model(x, y, loss_reduction="none")
+        valid = y >= 0
+        b = torch.where(valid, token_bytes[y.clamp(min=0)], 0)
+        nats += (loss2d.double() * (b > 0)).sum()
+        nbytes += b.sum()
+    if is_ddp():
+        totals = torch.stack([nats, nbytes])
+        dist.all_reduce(totals)
+        nats, nbytes = totals[0], totals[1]
+    model.train(was_training)
+    if nbytes.item() == 0:
+        raise ValueError("evaluate_bpb saw no target bytes: is the validation loader empty?")
+    return nats.item() / (math.log(2) * nbytes.item())

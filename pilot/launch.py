@@ -1,0 +1,625 @@
+"""One command that brings the whole local stack up, watches it, and tears it down.
+
+    curtail-llm up [--preset cpu-demo] [--trace FILE] [--redis-url URL] [--speedup S] ...
+    python -m pilot.launch ...            (same thing)
+
+Order of bring-up (each step checked before the next starts):
+  1. Redis: an embedded Valkey on loopback with a random password, or --redis-url (pinged);
+  2. the energy simulation on the trace, publishing per-site signals into Redis;
+  3. a Flower SuperLink on loopback with a private FLWR_HOME holding `local-deployment`;
+  4. `flwr run . local-deployment --stream` with the preset's run-config; the ServerApp's
+     provisioner starts/stops SuperNodes itself as curtailment windows open and close;
+  5. the carbon report of the run into <run-dir>.
+The Redis URL (it carries the password) reaches children only through CURTAIL_REDIS_URL.
+Every child lives in its own process group; teardown is terminate -> wait -> kill for all of
+them on success, failure, Ctrl-C and SIGTERM (see pilot/procs.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pilot.launch_view import LiveView
+from pilot.procs import ChildExited, ProcessSet
+
+REPO = Path(__file__).resolve().parents[1]  # the Flower app directory (`flwr run .`)
+CONFIGS = REPO / "configs"
+ENV_REDIS = "CURTAIL_REDIS_URL"
+CONNECTION = "local-deployment"  # name of the Flower connection in our private FLWR_HOME
+
+
+class LaunchError(ValueError):
+    """A problem the user can fix; the message says what to do. Printed as one line."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM/SIGHUP, turned into an exception so `finally` blocks tear the stack down."""
+
+
+def curtail_home() -> Path:
+    # Same rule as nanochat.common.curtail_home, without importing torch on every launch.
+    return Path(os.environ.get("CURTAIL_HOME", Path.home() / ".cache" / "curtail-llm"))
+
+
+def resolve(path: str | os.PathLike, base: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+# ----------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="curtail-llm",
+        description="Run the curtailment-aware training stack locally, end to end.",
+    )
+    sub = p.add_subparsers(dest="command")
+    up = sub.add_parser("up", help="bring the local stack up, run a preset, report (default)")
+    for parser in (p, up):
+        add_up_args(parser)
+    args = p.parse_args(argv)
+    args.command = args.command or "up"
+    return args
+
+
+def add_up_args(p: argparse.ArgumentParser) -> None:
+    d = argparse.SUPPRESS  # so `curtail-llm --x` and `curtail-llm up --x` both work
+    p.add_argument("--preset", default=d, help="preset name in configs/ (default cpu-demo)")
+    p.add_argument("--trace", default=d, help="MCI trace: wide or WattTime CSV")
+    p.add_argument("--sites", default=d, help="sites TOML (default: the preset's)")
+    p.add_argument("--redis-url", default=d, help="use this Redis instead of an embedded one")
+    p.add_argument("--speedup", type=float, default=d, help="simulated seconds per wall second")
+    p.add_argument("--run-name", default=d, help="runs/<run-name>/ (default: preset-time)")
+    p.add_argument("--steps", type=int, default=d, help="training steps (schedule length)")
+    p.add_argument("--port", type=int, default=d, help="SuperLink port (0: a free one)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=d,
+        metavar="KEY=VALUE",
+        help="extra run-config override for the Flower app (repeatable)",
+    )
+    p.add_argument(
+        "--no-prepare",
+        action="store_true",
+        default=d,
+        help="fail instead of building a missing demo corpus/tokenizer",
+    )
+    p.add_argument(
+        "--no-live",
+        action="store_true",
+        default=d,
+        help="plain progress lines instead of the live table",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=d,
+        help="give up (and tear down) after this many wall seconds",
+    )
+
+
+DEFAULTS: dict[str, Any] = {
+    "preset": "cpu-demo",
+    "trace": None,
+    "sites": None,
+    "redis_url": None,
+    "speedup": None,
+    "run_name": None,
+    "steps": None,
+    "port": None,
+    "set": [],
+    "no_prepare": False,
+    "no_live": False,
+    "timeout": None,
+}
+
+
+# ----------------------------------------------------------------------------------------
+# the plan: everything checked before anything starts
+
+
+@dataclass
+class Plan:
+    preset: str
+    preset_path: Path
+    launch: dict[str, Any]  # the preset's [launch] table
+    trace: Path
+    sites: Path
+    speedup: float
+    run_name: str
+    run_dir: Path
+    port: int
+    run_config: dict[str, Any]
+    redis_url: str | None = field(repr=False)  # secret: never printed
+    trace_data: Any = field(default=None, repr=False)  # pilot.traces.Trace, for the live view
+    sites_config: Any = field(default=None, repr=False)  # pilot.sites.SitesConfig
+    prepare: bool = True
+    live: bool = True
+    timeout: float | None = None
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in CONFIGS.glob("*.toml") if _is_preset(p))
+
+
+def _is_preset(path: Path) -> bool:
+    try:
+        return "launch" in tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+
+
+def load_preset(name: str) -> tuple[Path, dict[str, Any]]:
+    path = CONFIGS / f"{name}.toml"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not path.is_file() or not _is_preset(path):
+        raise LaunchError(
+            f"unknown preset {name!r}: choose one of {', '.join(presets()) or '(none found)'}"
+            f" (files in {CONFIGS})"
+        )
+    try:
+        return path, tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise LaunchError(f"preset {path} is not valid TOML ({e}): fix the file") from None
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    opts = {**DEFAULTS, **vars(args)}
+    preset_path, preset = load_preset(opts["preset"])
+    launch = preset.get("launch", {})
+
+    trace = resolve(opts["trace"] or launch.get("trace", ""), REPO)
+    if not opts["trace"] and not launch.get("trace"):
+        raise LaunchError(f"preset {preset_path} has no [launch] trace: pass --trace FILE")
+    if not trace.is_file():
+        raise LaunchError(
+            f"trace file not found: {trace} — pass an existing wide or WattTime CSV with --trace"
+        )
+    sites = resolve(opts["sites"] or launch.get("sites", ""), REPO)
+    if not sites.is_file():
+        raise LaunchError(
+            f"sites file not found: {sites} — pass an existing sites TOML with --sites"
+        )
+    trace_obj, sites_cfg = check_trace_covers_sites(trace, sites)
+
+    speedup = float(opts["speedup"] or launch.get("speedup", 1.0))
+    if speedup <= 0:
+        raise LaunchError(f"--speedup must be > 0 (got {speedup})")
+
+    run_name = opts["run_name"] or f"{opts['preset']}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run_name):
+        raise LaunchError(f"--run-name {run_name!r}: use letters, digits, '.', '_' or '-'")
+    run_dir = resolve(launch.get("runs_dir", "runs"), curtail_home()) / run_name
+
+    port = opts["port"] if opts["port"] is not None else int(launch.get("superlink_port", 0))
+    port = claim_port(port, "--port")
+
+    run_config = {"preset": opts["preset"], "run-name": run_name}
+    if opts["steps"] is not None:
+        if opts["steps"] <= 0:
+            raise LaunchError(f"--steps must be > 0 (got {opts['steps']})")
+        run_config["num-iterations"] = opts["steps"]
+    for item in opts["set"]:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LaunchError(f"--set {item!r}: write KEY=VALUE, e.g. --set round-s=600")
+        run_config[key.strip()] = parse_value(value.strip())
+
+    redis_url = opts["redis_url"]
+    if redis_url:
+        check_redis(redis_url)
+
+    return Plan(
+        preset=opts["preset"],
+        preset_path=preset_path,
+        launch=launch,
+        trace=trace,
+        sites=sites,
+        speedup=speedup,
+        run_name=run_name,
+        run_dir=run_dir,
+        port=port,
+        run_config=run_config,
+        redis_url=redis_url,
+        prepare=not opts["no_prepare"],
+        live=not opts["no_live"] and sys.stdout.isatty(),
+        timeout=opts["timeout"],
+    )
+
+
+def parse_value(text: str) -> Any:
+    """A run-config value as TOML would read it (int, float, bool, quoted or bare string)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def check_trace_covers_sites(trace: Path, sites: Path) -> tuple[Any, Any]:
+    """Fail before anything starts if the trace is unreadable or lacks a site's region."""
+    from pilot.sites import load_sites
+    from pilot.traces import load_trace
+
+    cfg = load_sites(sites)  # ConfigError (a ValueError) names the field
+    tr = load_trace([trace])
+    missing = sorted({s.region for s in cfg.sites} - set(tr.regions))
+    if missing:
+        raise LaunchError(
+            f"trace {trace} has no column for region(s) {', '.join(missing)} used in {sites}:"
+            f" pass a trace with them (has: {', '.join(tr.regions)})"
+        )
+    return tr, cfg
+
+
+def claim_port(port: int, flag: str) -> int:
+    """A port on 127.0.0.1 that is free right now: `port`, or any free one when it is 0."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise LaunchError(
+                f"port 127.0.0.1:{port} is busy: stop what uses it or pass {flag} 0 for a free one"
+            ) from None
+        return s.getsockname()[1]
+
+
+def check_redis(url: str) -> None:
+    import redis
+
+    from pilot.signals import redact
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+        client.ping()
+        client.close()
+    except (redis.RedisError, ValueError, OSError) as e:
+        reason = str(e).replace(url, redact(url)).splitlines()[0] if str(e) else type(e).__name__
+        raise LaunchError(
+            f"cannot reach Redis at {redact(url)} ({reason}): start it, fix the URL/password,"
+            " or drop --redis-url to use the embedded server"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------
+# first use: demo corpus and tokenizer
+
+
+def prepare_data(plan: Plan, say: Callable[[str], None]) -> None:
+    """Build the offline demo corpus and tokenizer the preset points at, if they are missing."""
+    data = plan.launch.get("data_dir")
+    tok = plan.launch.get("tokenizer_dir")
+    data_dir = resolve(data, curtail_home()) if data else None
+    tok_dir = resolve(tok, curtail_home()) if tok else None
+    data_ok = data_dir is None or any(data_dir.glob("shard_*.parquet"))
+    tok_ok = tok_dir is None or (tok_dir / "tokenizer.pkl").exists() or any(tok_dir.glob("*"))
+    if data_ok and tok_ok:
+        return
+    if not plan.prepare:
+        what = "demo corpus" if not data_ok else "tokenizer"
+        where = data_dir if not data_ok else tok_dir
+        raise LaunchError(f"{what} not built at {where}: run without --no-prepare once to build it")
+    env = child_env(None)
+    if not data_ok:
+        say(f"preparing the offline demo corpus in {data_dir} (first use) ...")
+        run_step([sys.executable, "-m", "nanochat.dataset", "demo", "--out", str(data_dir)], env)
+    if not tok_ok:
+        say(f"training the tokenizer into {tok_dir} (first use) ...")
+        argv = [
+            sys.executable,
+            "-m",
+            "scripts.tok_train",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(tok_dir),
+        ]
+        if "vocab_size" in plan.launch:
+            argv += ["--vocab-size", str(plan.launch["vocab_size"])]
+        run_step(argv, env)
+
+
+def run_step(argv: list[str], env: dict[str, str]) -> None:
+    """Run a preparation command in the foreground, its progress on our terminal."""
+    rc = subprocess.run(argv, env=env, cwd=REPO).returncode
+    if rc != 0:
+        raise LaunchError(f"{' '.join(argv[1:4])} failed (exit {rc}): see its output above")
+
+
+# ----------------------------------------------------------------------------------------
+# the stack
+
+
+def child_env(redis_url: str | None, **extra: str) -> dict[str, str]:
+    """Environment for children: our venv's tools first on PATH (Flower starts
+    `flower-superexec`/`flwr-serverapp` by name), the Redis URL only in CURTAIL_REDIS_URL."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("CURTAIL_HOME", str(curtail_home()))
+    if redis_url:
+        env[ENV_REDIS] = redis_url
+    env.update(extra)
+    return env
+
+
+def write_flwr_home(home: Path, port: int) -> Path:
+    """A private FLWR_HOME so the user's own Flower connections are neither used nor changed."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        "[superlink]\n"
+        f'default = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\n"
+        f'address = "127.0.0.1:{port}"\n'
+        "insecure = true\n"
+    )
+    return home
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str, procs: ProcessSet) -> None:
+    """Poll `cond` until true; a critical child dying meanwhile fails at once."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        procs.check()
+        if time.monotonic() > deadline:
+            raise LaunchError(
+                f"{what} did not come up within {timeout:.0f} s: see the logs in {procs.log_dir}"
+            )
+        time.sleep(0.2)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Outcome:
+    status: str  # "completed" | "failed" | "interrupted" | "timeout"
+    detail: str = ""
+    run_id: str | None = None
+
+
+def run_stack(plan: Plan, view: LiveView) -> Outcome:
+    from pilot.redis_server import EmbeddedValkey
+    from pilot.signals import Signals, connect
+
+    logs = plan.run_dir / "logs"
+    procs = ProcessSet(logs)
+    valkey = None
+    outcome = Outcome("interrupted")
+    try:
+        # 1. Redis
+        url = plan.redis_url
+        if url is None:
+            # Its config file (holding the password) lives in a private temp dir, removed on stop.
+            valkey = EmbeddedValkey(password=secrets.token_urlsafe(24)).start()
+            url = valkey.url
+        sig = Signals(connect(url), plan.run_name)
+        view.attach(sig)
+        view.phase("redis ready")
+
+        # 2. energy simulation
+        env = child_env(url)
+        procs.start(
+            "energy",
+            [
+                sys.executable,
+                str(REPO / "energy_simulation.py"),
+                "--trace",
+                str(plan.trace),
+                "--sites",
+                str(plan.sites),
+                "--run",
+                plan.run_name,
+                "--speedup",
+                str(plan.speedup),
+            ],
+            env=env,
+            cwd=REPO,
+        )
+        wait_for(lambda: bool(sig.meta()), 60, "the energy simulation", procs)
+        view.phase("energy simulation running")
+
+        # 3. SuperLink
+        flwr_home = write_flwr_home(plan.run_dir / "flwr-home", plan.port)
+        env = child_env(url, FLWR_HOME=str(flwr_home))
+        procs.start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(plan.port),
+            ],
+            env=env,
+            cwd=plan.run_dir,
+        )
+        wait_for(lambda: port_open(plan.port), 60, "the Flower SuperLink", procs)
+        view.phase(f"SuperLink on 127.0.0.1:{plan.port}")
+
+        # 4. the run (the ServerApp provisions SuperNodes itself)
+        run_config = plan.run_dir / "run-config.toml"
+        run_config.write_text(
+            "".join(f"{k} = {toml_value(v)}\n" for k, v in plan.run_config.items())
+        )
+        flwr = procs.start(
+            "flwr-run",
+            [
+                "flwr",
+                "run",
+                str(REPO),
+                CONNECTION,
+                "--stream",
+                "--run-config",
+                str(run_config),
+            ],
+            env=env,
+            cwd=REPO,
+            critical=False,
+        )
+        deadline = time.monotonic() + plan.timeout if plan.timeout else None
+        while flwr.poll() is None:
+            procs.check()
+            view.refresh()
+            if deadline and time.monotonic() > deadline:
+                return Outcome("timeout", f"gave up after {plan.timeout:.0f} s (--timeout)")
+            time.sleep(0.5)
+        view.refresh()
+        run_id = flwr_run_id(logs / "flwr-run.log")
+        status, detail = flwr_run_status(run_id, env) if run_id else ("failed", "no run started")
+        if flwr.returncode != 0 and status == "completed":
+            status, detail = "failed", f"flwr run exited with {flwr.returncode}"
+        outcome = Outcome(status, detail or tail(logs / "flwr-run.log"), run_id)
+        return outcome
+    except ChildExited as e:
+        return Outcome("failed", str(e))
+    finally:
+        # A second Ctrl-C must not cut the teardown short and leave processes behind.
+        with signals_deferred():
+            view.phase("stopping")
+            procs.close(timeout=float(plan.launch.get("stop_timeout_s", 10)))
+            if valkey is not None:
+                valkey.stop()
+            view.detach()
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def flwr_run_id(log: Path) -> str | None:
+    m = (
+        re.search(r"Successfully started run (\d+)", log.read_text(errors="replace"))
+        if log.exists()
+        else None
+    )
+    return m.group(1) if m else None
+
+
+def flwr_run_status(run_id: str, env: dict[str, str]) -> tuple[str, str]:
+    """Ask the SuperLink how the run ended: ("completed"|"failed", details)."""
+    res = subprocess.run(
+        ["flwr", "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    try:
+        runs = json.loads(res.stdout)["runs"]
+        status, detail = runs[0]["status"], runs[0].get("status-details", "")
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return "failed", f"could not read the run status from the SuperLink: {res.stderr[-200:]}"
+    return ("completed" if status == "finished:completed" else "failed"), (
+        "" if detail == "N/A" else detail
+    )
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# ----------------------------------------------------------------------------------------
+# report
+
+
+def make_report(plan: Plan, say: Callable[[str], None]) -> bool:
+    """Run the carbon report on the run directory; it prints its table and file paths."""
+    res = subprocess.run(
+        [sys.executable, "-m", "pilot.report", str(plan.run_dir)], env=child_env(None), cwd=REPO
+    )
+    if res.returncode != 0:
+        say(f"the report failed (exit {res.returncode}); the run's files are in {plan.run_dir}")
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP while the body runs, then act on the first one received."""
+    got: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, lambda n, f: got.append(n)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if got:
+            raise KeyboardInterrupt if got[0] == signal.SIGINT else Interrupted(str(got[0]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _raise_interrupted)
+    view: LiveView | None = None
+    try:
+        plan = make_plan(args)
+        view = LiveView(
+            plan.run_name, live=plan.live, trace=plan.trace_data, sites_config=plan.sites_config
+        )
+        say = view.say
+        say(
+            f"run {plan.run_name}: preset {plan.preset}, trace {plan.trace.name},"
+            f" speed-up {plan.speedup:g}x, files in {plan.run_dir}"
+        )
+        prepare_data(plan, say)
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        with view:
+            outcome = run_stack(plan, view)
+        say(
+            f"run {outcome.status} after {time.monotonic() - t0:.0f} s"
+            + (f": {outcome.detail}" if outcome.detail and outcome.status != "completed" else "")
+        )
+        if outcome.status == "completed":
+            return 0 if make_report(plan, say) else 1
+        return 1
+    except (KeyboardInterrupt, Interrupted):
+        print("curtail-llm: interrupted; everything it started has been stopped", file=sys.stderr)
+        return 130
+    except ValueError as e:  # LaunchError and the config/trace errors of other modules
+        print(f"curtail-llm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

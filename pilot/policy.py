@@ -1,0 +1,544 @@
+"""Curtailment policy (pure: plain values in, plain values out; no I/O, no clocks).
+
+Per site, two questions every tick:
+1. Is the site *in a curtailment window*? Hysteresis on the raw MCI: a window opens once MCI
+   has stayed < threshold for ``enter_dwell_s`` and closes only once it has stayed >=
+   threshold for ``release_delay_s``; a signal flickering around the threshold therefore
+   cannot make the federation oscillate.
+2. Should the site be *provisioned*? Inside a window: yes (unless the forecast, agreeing with
+   the present, says the window is too short to be worth the provisioning energy). Outside:
+   yes if the forecast says a window worth having opens before provisioning could finish
+   (``t_open - now <= provision_delay + tick``), so the site is ready AT the window start.
+
+Graceful degradation with a wrong forecast:
+- a forecast that contradicts the present (says above while MCI is below) is ignored, so a
+  real window is never skipped because of it: at worst the site is ready
+  ``provision_delay`` after the window opens;
+- a skip ("too short") is revoked as soon as the predicted window end has passed while MCI
+  is still below the threshold;
+- pre-provisioning for a predicted window that does not come is held for at most
+  ``release_delay_s`` past the predicted opening, then dropped, and pre-provisioning stays off
+  until a real window next opens.
+
+Two equivalent implementations: ``Policy.step`` (one tick, per-site objects, with reasons —
+used live by the ServerApp) and ``simulate_batch`` (numpy over sites x ticks, with the
+provisioning model "ready ``delay`` after provisioning starts" — used by the what-if simulator
+and bench/policy_scale.py). tests/test_policy.py checks that they agree decision by decision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+import numpy as np
+
+from pilot.sites import SitesConfig
+from pilot.traces import Trace
+
+DAY_S = 86400.0
+
+
+class Mode(StrEnum):
+    PAUSE = "PAUSE"  # no site trains
+    LOCAL = "LOCAL"  # one site trains alone
+    FEDERATED = "FEDERATED"  # several sites train and average
+
+    @staticmethod
+    def of(n_train: int) -> Mode:
+        return Mode.PAUSE if n_train == 0 else Mode.LOCAL if n_train == 1 else Mode.FEDERATED
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    name: str = "forecast"
+    threshold: float = 100.0  # gCO2/kWh
+    enter_dwell_s: float = 0.0
+    release_delay_s: float = 600.0
+    min_window_s: float = 900.0  # useful (ready) window time worth a provisioning cycle
+    horizon_s: float = 3600.0  # forecast look-ahead the policy asks for
+    use_forecast: bool = True  # pre-provision and skip short windows from the forecast
+    zero_delay: bool = False  # oracle: provisioning is instantaneous, train = in window
+
+
+# Named policies: overrides applied on top of the site config's [policy] knobs.
+PRESETS: dict[str, dict] = {
+    # ours: hysteresis + forecast-aware pre-provisioning + short-window skipping
+    "forecast": {},
+    # the published prototype: provision as soon as MCI < threshold, release after 600 s
+    # above it, no forecast
+    "prototype": dict(
+        enter_dwell_s=0.0, release_delay_s=600.0, min_window_s=0.0, use_forecast=False
+    ),
+    # lower bound: perfect foresight and zero provisioning delay -> train exactly while
+    # MCI < threshold (no hysteresis needed: nothing is lost by switching)
+    "oracle": dict(
+        enter_dwell_s=0.0,
+        release_delay_s=0.0,
+        min_window_s=0.0,
+        use_forecast=False,
+        zero_delay=True,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    provision: set[str]  # sites that should be (or become) provisioned now
+    train: set[str]  # provisioned-and-ready sites that should train now
+    mode: Mode
+    reasons: dict[str, str]
+
+
+# ----------------------------------------------------------------------------- forecasters
+
+
+def _window_points(
+    times: np.ndarray, values: np.ndarray, lo: float, hi: float
+) -> list[tuple[float, float]]:
+    """Piecewise-linear curve restricted to [lo, hi]: endpoints interpolated, inner samples as is."""
+    i0, i1 = np.searchsorted(times, lo, side="right"), np.searchsorted(times, hi, side="left")
+    pts = [(lo, float(np.interp(lo, times, values)))]
+    pts += [(float(t), float(v)) for t, v in zip(times[i0:i1], values[i0:i1], strict=True)]
+    if hi > lo:
+        pts.append((hi, float(np.interp(hi, times, values))))
+    return pts
+
+
+@dataclass
+class Forecaster:
+    """``forecast(region, now, horizon_s) -> [(t, mci)]`` starting at ``now``; [] if unknown.
+
+    kind "perfect": the trace itself (replay); "same_time_yesterday": the trace 24 h earlier;
+    "persistence": the current value held flat (``current`` if given, else the trace at now)."""
+
+    kind: str
+    trace: Trace | None = None
+
+    @property
+    def shift_s(self) -> float:
+        return DAY_S if self.kind == "same_time_yesterday" else 0.0
+
+    def forecast(
+        self, region: str, now: float, horizon_s: float, current: float | None = None
+    ) -> list[tuple[float, float]]:
+        if self.kind == "persistence":
+            if current is None:
+                if self.trace is None or not self.trace.start <= now <= self.trace.end:
+                    return []
+                current = self.trace.at(region, now)
+            return [(now, float(current)), (now + horizon_s, float(current))]
+        assert self.trace is not None
+        times = self.trace.times + self.shift_s
+        if not times[0] <= now <= times[-1]:
+            return []
+        return _window_points(
+            times, self.trace.row(region), now, min(now + horizon_s, float(times[-1]))
+        )
+
+
+def perfect(trace: Trace) -> Forecaster:
+    return Forecaster("perfect", trace)
+
+
+def persistence(trace: Trace | None = None) -> Forecaster:
+    return Forecaster("persistence", trace)
+
+
+def same_time_yesterday(trace: Trace) -> Forecaster:
+    return Forecaster("same_time_yesterday", trace)
+
+
+def make_forecaster(name: str, trace: Trace | None) -> Forecaster:
+    if name == "perfect":
+        return perfect(trace)
+    if name == "persistence":
+        return persistence(trace)
+    if name == "same_time_yesterday":
+        return same_time_yesterday(trace)
+    raise ValueError(
+        f"unknown forecaster {name!r}; use perfect, persistence or same_time_yesterday"
+    )
+
+
+@dataclass(frozen=True)
+class Outlook:
+    """What a forecast says, seen from ``now``."""
+
+    now_value: float  # forecast at now (to check it agrees with the measured present)
+    t_open: float  # first instant >= now with forecast < threshold (inf: none in horizon)
+    t_close: float  # first instant > t_open with forecast >= threshold (inf: beyond horizon)
+
+
+def outlook(
+    fc: list[tuple[float, float]], threshold: float, release_s: float = 0.0
+) -> Outlook | None:
+    """Crossing times of the linearly interpolated forecast; None for an empty forecast.
+
+    A rise above the threshold that the forecast shows falling back below within
+    ``release_s`` does not end the window (the hysteresis would hold it open anyway)."""
+    if not fc:
+        return None
+    t_open = up = math.inf
+    t_prev, v_prev = fc[0]
+    if v_prev < threshold:
+        t_open = t_prev
+    for t, v in fc[1:]:
+        if t_open == math.inf:
+            if v_prev >= threshold > v:
+                t_open = t_prev + (v_prev - threshold) / (v_prev - v) * (t - t_prev)
+        elif up == math.inf:
+            if v_prev < threshold <= v:
+                up = t_prev + (threshold - v_prev) / (v - v_prev) * (t - t_prev)
+        elif v_prev >= threshold > v:
+            down = t_prev + (v_prev - threshold) / (v_prev - v) * (t - t_prev)
+            if down - up >= release_s:
+                break  # a long enough gap: the window really ends at ``up``
+            up = math.inf  # a short blip above: the window goes on
+        t_prev, v_prev = t, v
+    return Outlook(fc[0][1], t_open, up)
+
+
+# ----------------------------------------------------------------------------- step policy
+
+
+@dataclass
+class SiteState:
+    in_window: bool = False
+    below_since: float | None = None  # first tick of the current run below threshold
+    above_since: float | None = None  # first tick of the current run at/above threshold
+    entered_at: float | None = None
+    provisioned: bool = False  # our previous provision decision
+    pre_open: float | None = None  # predicted opening that triggered pre-provisioning
+    missed: bool = False  # a predicted window did not come: no pre-provisioning until a real one
+    skip_close: float | None = None  # predicted end of a window we skipped as too short
+
+
+@dataclass
+class Policy:
+    cfg: PolicyConfig
+    delays: dict[str, float]  # provisioning delay per site (s)
+    state: dict[str, SiteState] = field(default_factory=dict)
+    last_now: float | None = None
+
+    def delay(self, site: str) -> float:
+        """Provisioning delay this policy plans with (0 for the oracle)."""
+        return 0.0 if self.cfg.zero_delay else self.delays[site]
+
+    def step(
+        self,
+        now: float,
+        mci: dict[str, float],
+        forecast: dict[str, list[tuple[float, float]]] | None = None,
+        ready: set[str] | None = None,
+    ) -> Decision:
+        """One tick. ``mci``: measured MCI per site now (sites missing from it are treated as
+        not curtailed); ``forecast``: per-site [(t, mci)] from now; ``ready``: provisioned
+        sites able to train now."""
+        cfg, thr = self.cfg, self.cfg.threshold
+        forecast, ready = forecast or {}, ready or set()
+        dt = 0.0 if self.last_now is None else max(0.0, now - self.last_now)
+        self.last_now = now
+        provision: set[str] = set()
+        train: set[str] = set()
+        reasons: dict[str, str] = {}
+        for site in self.delays:
+            st = self.state.setdefault(site, SiteState())
+            m = mci.get(site, math.inf)
+            d = self.delay(site)
+            # 1. hysteresis on the measured signal
+            if m < thr:
+                st.above_since = None
+                st.below_since = now if st.below_since is None else st.below_since
+                if not st.in_window and now - st.below_since >= cfg.enter_dwell_s:
+                    st.in_window, st.entered_at = True, now
+                    st.pre_open, st.missed, st.skip_close = None, False, None
+            else:
+                st.below_since = None
+                st.above_since = now if st.above_since is None else st.above_since
+                if st.in_window and now - st.above_since >= cfg.release_delay_s:
+                    st.in_window = False
+            ol = (
+                outlook(forecast.get(site, []), thr, cfg.release_delay_s)
+                if cfg.use_forecast
+                else None
+            )
+            # 2. provisioning
+            if st.in_window:
+                why = (
+                    f"in window (MCI {m:.0f} < {thr:g})"
+                    if m < thr
+                    else (
+                        f"release hold: above {thr:g} for {now - st.above_since:.0f}/{cfg.release_delay_s:.0f} s"
+                    )
+                )
+                want, st.pre_open = True, None
+                agrees = ol is not None and (ol.now_value < thr) == (m < thr)
+                if not st.provisioned and agrees:
+                    proven_wrong = st.skip_close is not None and now > st.skip_close and m < thr
+                    if not proven_wrong and not _useful(ol, now, d, dt, cfg.min_window_s):
+                        want = False
+                        if st.skip_close is None:
+                            st.skip_close = ol.t_close
+                        why = f"skip: predicted window ends in {ol.t_close - now:.0f} s, < {cfg.min_window_s:.0f} s useful"
+            else:
+                if st.pre_open is not None and now > st.pre_open + cfg.release_delay_s:
+                    st.pre_open, st.missed = None, True  # the predicted window did not come
+                pre = ol is not None and not st.missed and _useful(ol, now, d, dt, cfg.min_window_s)
+                if pre:
+                    want = True
+                    if st.pre_open is None:
+                        st.pre_open = ol.t_open
+                    why = f"pre-provision: window predicted in {ol.t_open - now:.0f} s (delay {d:.0f} s)"
+                elif st.pre_open is not None and st.provisioned:
+                    want = True
+                    why = f"waiting for predicted window ({now - st.pre_open:.0f} s late)"
+                else:
+                    want, st.pre_open = False, None
+                    why = (
+                        f"no window (MCI {m:.0f} >= {thr:g})"
+                        if not st.missed
+                        else "no window (forecast missed, waiting for a real one)"
+                    )
+            st.provisioned = want
+            if want:
+                provision.add(site)
+                if st.in_window and (site in ready or cfg.zero_delay):
+                    train.add(site)
+                elif st.in_window:
+                    why += "; provisioning, not ready"
+            reasons[site] = why
+        return Decision(provision, train, Mode.of(len(train)), reasons)
+
+
+def _useful(ol: Outlook, now: float, delay: float, dt: float, min_window_s: float) -> bool:
+    """Provisioning now is useful if a predicted window opens before provisioning started at
+    the next tick could finish, and it extends beyond the horizon or leaves at least
+    ``min_window_s`` of ready time once provisioning (started now) has finished."""
+    if ol.t_open - now > delay + dt:
+        return False
+    return ol.t_close == math.inf or ol.t_close - max(now + delay, ol.t_open) >= min_window_s
+
+
+def policy_config(sites_config: SitesConfig, name: str | None = None) -> PolicyConfig:
+    name = name or sites_config.policy
+    if name not in PRESETS:
+        raise ValueError(f"unknown policy {name!r}; use one of {', '.join(PRESETS)}")
+    base = PolicyConfig(
+        name=name,
+        threshold=sites_config.threshold,
+        enter_dwell_s=sites_config.enter_dwell_s,
+        release_delay_s=sites_config.release_delay_s,
+        min_window_s=sites_config.min_window_s,
+        horizon_s=sites_config.horizon_s,
+    )
+    return replace(base, **PRESETS[name])
+
+
+def make_policy(name: str | None, sites_config: SitesConfig) -> Policy:
+    cfg = policy_config(sites_config, name)
+    return Policy(cfg, {s.name: s.provision_delay_s for s in sites_config.sites})
+
+
+# ----------------------------------------------------------------------------- batch policy
+
+
+@dataclass
+class ForecastArrays:
+    """Per (site, tick) outlook, the array form of ``outlook`` (NaN now_value: no forecast)."""
+
+    now_value: np.ndarray  # (S, K)
+    t_open: np.ndarray  # (S, K), inf = no window within the horizon
+    t_close: np.ndarray  # (S, K), inf = beyond the horizon
+
+
+def forecast_arrays(
+    fc: Forecaster,
+    trace: Trace,
+    regions: list[str],
+    ticks: np.ndarray,
+    horizon_s: float,
+    threshold: float,
+    release_s: float = 0.0,
+    mci: np.ndarray | None = None,
+) -> ForecastArrays:
+    """``outlook(fc.forecast(region, t, horizon_s), threshold, release_s)`` for every site and
+    tick, on arrays. ``mci`` (S, K): measured values (what persistence forecasts).
+
+    Crossings live on the forecast's segments; "next crossing at or after segment j" tables are
+    reverse running minima, so every (site, tick) query is a gather, not a Python loop."""
+    S, K = len(regions), len(ticks)
+    if fc.kind == "persistence":
+        cur = trace.series_all(ticks, regions) if mci is None else mci
+        t_open = np.where(cur < threshold, ticks[None, :], np.inf)
+        return ForecastArrays(cur.copy(), t_open, np.full((S, K), np.inf))
+    g_times = trace.times + fc.shift_s
+    avail = (ticks >= g_times[0]) & (ticks <= g_times[-1])
+    out = ForecastArrays(np.full((S, K), np.nan), np.full((S, K), np.inf), np.full((S, K), np.inf))
+    if not avail.any():
+        return out
+    tk = ticks[avail]
+    h_end = np.minimum(tk + horizon_s, g_times[-1])
+    # only the samples these ticks can see (bounded memory when the caller chunks)
+    lo = min(max(0, int(np.searchsorted(g_times, tk[0], side="right")) - 1), len(g_times) - 2)
+    hi = max(min(len(g_times), int(np.searchsorted(g_times, h_end[-1], side="left")) + 1), lo + 2)
+    gt = g_times[lo:hi]
+    g = trace.values[[trace.index(r) for r in regions]][:, lo:hi]  # (S, n)
+    n = gt.size
+    big = n - 1  # "no such segment": a padding column of inf
+    seg_dt = np.diff(gt)
+    v0, v1 = g[:, :-1], g[:, 1:]
+    pad = np.full((S, 1), np.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        down = (v0 >= threshold) & (v1 < threshold)
+        up = (v0 < threshold) & (v1 >= threshold)
+        down_t = np.hstack(
+            [np.where(down, gt[:-1] + (v0 - threshold) / (v0 - v1) * seg_dt, np.inf), pad]
+        )
+        up_t = np.hstack(
+            [np.where(up, gt[:-1] + (threshold - v0) / (v1 - v0) * seg_dt, np.inf), pad]
+        )
+    idx = np.arange(n)
+
+    def next_at_or_after(mask: np.ndarray) -> np.ndarray:
+        return np.minimum.accumulate(np.where(mask, idx, big)[:, ::-1], axis=1)[:, ::-1]
+
+    nd, nu = next_at_or_after(np.isfinite(down_t)), next_at_or_after(np.isfinite(up_t))
+    rows = np.arange(S)[:, None]
+    # gap after each up crossing until the next down crossing; long gaps really end a window
+    down_after = down_t[rows, nd[:, np.minimum(idx + 1, big)]]
+    with np.errstate(invalid="ignore"):  # inf - inf where there is no crossing
+        nul = next_at_or_after(np.isfinite(up_t) & (down_after - up_t >= release_s))
+    last_down = np.maximum.accumulate(np.where(np.isfinite(down_t), idx, -1), axis=1)
+
+    seg = np.clip(np.searchsorted(gt, tk, side="right") - 1, 0, n - 2)[None, :]  # tick's segment
+    w = (tk - gt[seg]) / seg_dt[seg]
+    now_v = g[rows, seg] * (1.0 - w) + g[rows, seg + 1] * w
+    below = now_v < threshold
+    # open now, or at the next down crossing (one in the tick's own segment lies after it)
+    j_down = nd[rows, seg]
+    t_open = np.where(below, tk[None, :], down_t[rows, j_down])
+    seg_open = np.where(below, seg, j_down)
+    # the window ends at the first up crossing followed by a long gap, or by no down crossing
+    # the forecast can see (none up to h_end: segments after the last down <= h_end)
+    e = np.clip(np.searchsorted(gt, h_end, side="right") - 1, 0, n - 2)[None, :]
+    q = np.where(down_t[rows, e] <= h_end[None, :], e, last_down[rows, np.maximum(e - 1, 0)])
+    q = np.where((e == 0) & ~(down_t[rows, e] <= h_end[None, :]), -1, q)
+    first_up = nu[rows, seg_open]
+    unseen = nu[rows, np.minimum(np.maximum(q + 1, seg_open), big)]
+    t_close = up_t[rows, np.minimum(nul[rows, first_up], unseen)]
+    t_open = np.where(t_open <= h_end[None, :], t_open, np.inf)
+    t_close = np.where(np.isfinite(t_open) & (t_close <= h_end[None, :]), t_close, np.inf)
+    out.now_value[:, avail], out.t_open[:, avail], out.t_close[:, avail] = now_v, t_open, t_close
+    return out
+
+
+@dataclass
+class BatchState:
+    """Per-site policy + provisioning state carried between ``simulate_batch`` chunks."""
+
+    in_window: np.ndarray
+    below_since: np.ndarray
+    above_since: np.ndarray
+    provisioned: np.ndarray
+    prov_since: np.ndarray  # when the current provisioning started (NaN: not provisioned)
+    pre_open: np.ndarray
+    missed: np.ndarray
+    skip_close: np.ndarray
+    last_now: float = math.nan
+
+    @classmethod
+    def new(cls, S: int) -> BatchState:
+        nan = lambda: np.full(S, np.nan)  # noqa: E731
+        false = lambda: np.zeros(S, dtype=bool)  # noqa: E731
+        return cls(false(), nan(), nan(), false(), nan(), nan(), false(), nan())
+
+
+@dataclass
+class BatchResult:
+    provision: np.ndarray  # (S, K) bool
+    train: np.ndarray  # (S, K) bool
+    ready: np.ndarray  # (S, K) bool, before the tick's decision
+    state: BatchState
+
+    @property
+    def modes(self) -> np.ndarray:
+        """(K,) number of training sites per tick: 0 PAUSE, 1 LOCAL, >=2 FEDERATED."""
+        return self.train.sum(axis=0)
+
+
+def simulate_batch(
+    cfg: PolicyConfig,
+    delays: np.ndarray,
+    ticks: np.ndarray,
+    mci: np.ndarray,
+    fc: ForecastArrays | None = None,
+    state: BatchState | None = None,
+) -> BatchResult:
+    """``Policy.step`` over (S sites, K ticks) of arrays, with the provisioning model "ready
+    once provisioned for ``delay`` s" (as seen at the start of each tick). Pass the returned
+    ``state`` to the next call to process a long horizon in chunks."""
+    S, K = mci.shape
+    thr = cfg.threshold
+    d = np.zeros(S) if cfg.zero_delay else np.asarray(delays, dtype=np.float64)
+    st = state or BatchState.new(S)
+    use_fc = fc is not None and cfg.use_forecast
+    P = np.zeros((S, K), dtype=bool)
+    T = np.zeros((S, K), dtype=bool)
+    R = np.zeros((S, K), dtype=bool)
+    inw, bs, ab, prov, ps = (
+        st.in_window,
+        st.below_since,
+        st.above_since,
+        st.provisioned,
+        st.prov_since,
+    )
+    pre, missed, skc = st.pre_open, st.missed, st.skip_close
+    last = st.last_now
+    for k in range(K):
+        now = float(ticks[k])
+        dt = 0.0 if math.isnan(last) else max(0.0, now - last)
+        last = now
+        ready = prov & (now - ps >= d)
+        m = mci[:, k]
+        below = m < thr
+        bs = np.where(below, np.where(np.isnan(bs), now, bs), np.nan)
+        ab = np.where(below, np.nan, np.where(np.isnan(ab), now, ab))
+        enter = ~inw & below & (now - bs >= cfg.enter_dwell_s)
+        leave = inw & ~below & (now - ab >= cfg.release_delay_s)
+        inw = (inw | enter) & ~leave
+        pre = np.where(enter, np.nan, pre)
+        missed = missed & ~enter
+        skc = np.where(enter, np.nan, skc)
+        if use_fc:
+            fnow, t_open, t_close = fc.now_value[:, k], fc.t_open[:, k], fc.t_close[:, k]
+            has = ~np.isnan(fnow)
+            with np.errstate(invalid="ignore"):
+                useful = (t_open - now <= d + dt) & (
+                    np.isinf(t_close) | (t_close - np.maximum(now + d, t_open) >= cfg.min_window_s)
+                )
+            # inside a window: skip only when not yet provisioned, the forecast agrees with
+            # the measured present (below or above), it is not yet proven wrong, and the
+            # (remaining or next) window is not worth it
+            skip = inw & ~prov & has & ((fnow < thr) == below) & ~((now > skc) & below) & ~useful
+            skc = np.where(skip & np.isnan(skc), t_close, skc)
+            # outside a window: pre-provision, hold, or drop
+            timeout = ~inw & ~np.isnan(pre) & (now > pre + cfg.release_delay_s)
+            missed = missed | timeout
+            pre = np.where(timeout, np.nan, pre)
+            want_pre = ~inw & has & ~missed & useful
+            hold = ~inw & ~want_pre & ~np.isnan(pre) & prov
+            pre = np.where(want_pre & np.isnan(pre), t_open, pre)
+            want = (inw & ~skip) | want_pre | hold
+        else:
+            timeout = ~inw & ~np.isnan(pre) & (now > pre + cfg.release_delay_s)
+            missed = missed | timeout
+            want = inw.copy()
+        pre = np.where(inw | ~want, np.nan, pre)
+        train = want & inw & (ready | cfg.zero_delay)
+        ps = np.where(want, np.where(prov, ps, now), np.nan)
+        prov = want
+        P[:, k], T[:, k], R[:, k] = want, train, ready
+    new = BatchState(inw, bs, ab, prov, ps, pre, missed, skc, last)
+    return BatchResult(P, T, R, new)

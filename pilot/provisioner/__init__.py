@@ -1,0 +1,53 @@
+"""Provisioners: how a site's SuperNode comes and goes.
+
+The ServerApp decides *when* a site should exist (pilot.policy); a provisioner makes it so.
+The interface is deliberately small so a cloud or Kubernetes backend fits behind it:
+
+- ``start(site)``: begin provisioning; returns at once (provisioning takes time, the site is
+  *ready* when its SuperNode has connected and answered a QUERY — the ServerApp sees that,
+  not the provisioner). Idempotent.
+- ``stop(site, drain=True)``: release the site. ``drain`` asks for a graceful shutdown (the
+  ServerApp has already collected the site's partial work); ``drain=False`` kills at once.
+- ``status()``: ``{site: state}`` with state one of ``provisioning`` (waiting out the emulated
+  delay), ``running``, ``stopping``, ``stopped``, ``failed:<detail>`` or ``external``.
+- ``close()``: stop everything this provisioner started.
+
+Kinds: ``subprocess`` (local ``flower-supernode`` processes, pilot/provisioner/subprocess.py)
+and ``none`` (SuperNodes started by hand, pilot/provisioner/none.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+KINDS = ("subprocess", "none")
+
+
+class Provisioner(ABC):
+    @abstractmethod
+    def start(self, site: str) -> None: ...
+
+    @abstractmethod
+    def stop(self, site: str, drain: bool = True) -> None: ...
+
+    @abstractmethod
+    def status(self) -> dict[str, str]: ...
+
+    def close(self) -> None:
+        for site, state in self.status().items():
+            if state not in ("stopped", "external"):
+                self.stop(site, drain=True)
+
+
+def make_provisioner(kind: str, **kwargs: Any) -> Provisioner:
+    """``kind`` from the run config; kwargs go to the backend's constructor."""
+    if kind == "subprocess":
+        from pilot.provisioner.subprocess import SubprocessProvisioner
+
+        return SubprocessProvisioner(**kwargs)
+    if kind == "none":
+        from pilot.provisioner.none import NoneProvisioner
+
+        return NoneProvisioner(**kwargs)
+    raise ValueError(f"provisioner {kind!r} is not supported; use one of {', '.join(KINDS)}")

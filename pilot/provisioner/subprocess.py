@@ -1,0 +1,251 @@
+"""Local SuperNodes as subprocesses: one ``flower-supernode`` per provisioned site.
+
+Resources come from the sites config: the site's GPU list becomes ``CUDA_VISIBLE_DEVICES``
+(empty = CPU only), its ``port`` (or a free one) the SuperNode's Runtime API port. Each
+node gets a
+state dir (inner optimizer state, its own FLWR_HOME so concurrent FAB installs never race)
+and a log file; the site's power model is applied by the energy simulation to the state
+word (train/idle) the ClientApp publishes. ``provision_delay_s`` (simulated seconds) is emulated: the process starts
+that long after ``start()``, converted to wall seconds with the run's speed-up.
+
+Nodes run in their own sessions and outlive the ServerApp on purpose: a restarted ServerApp
+adopts the live node of a site from its pid file instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pilot.procs import alive, descendants
+from pilot.provisioner import Provisioner
+
+
+@dataclass
+class _Node:
+    state: str  # provisioning | running | stopping | stopped
+    timer: threading.Timer | None = None
+    proc: subprocess.Popen | None = None
+    pid: int | None = None
+    port: int | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
+class SubprocessProvisioner(Provisioner):
+    def __init__(
+        self,
+        sites: Iterable[Any],
+        superlink: str,
+        state_dir: str | Path,
+        log_dir: str | Path,
+        to_wall: Callable[[float], float] = float,
+        env: Mapping[str, str] | None = None,
+        executable: str = "flower-supernode",
+        stop_timeout_s: float = 10.0,
+        **_: Any,
+    ):
+        self.sites = {s.name: s for s in sites}
+        self.superlink = superlink
+        self.state_dir, self.log_dir = Path(state_dir), Path(log_dir)
+        self.to_wall = to_wall
+        self.env = dict(os.environ if env is None else env)
+        self.executable = executable
+        self.stop_timeout_s = stop_timeout_s
+        self._nodes: dict[str, _Node] = {}
+        self._lock = threading.Lock()
+        self._stoppers: list[threading.Thread] = []
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _site(self, name: str) -> Any:
+        if name not in self.sites:
+            raise ValueError(f"unknown site {name!r}; the sites config has {sorted(self.sites)}")
+        return self.sites[name]
+
+    def _node_dir(self, site: str) -> Path:
+        return self.state_dir / site
+
+    def _pidfile(self, site: str) -> Path:
+        return self._node_dir(site) / "supernode.pid"
+
+    def _marker(self, site: str) -> str:
+        return f'site="{site}"'
+
+    def _adopt(self, site: str) -> int | None:
+        """pid of a live SuperNode for ``site`` started by an earlier ServerApp, if any."""
+        try:
+            pid = int(self._pidfile(site).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        cmd = _cmdline(pid)
+        is_ours = (
+            alive(pid)
+            and any(self.executable in a for a in cmd[:2])
+            and any(self._marker(site) in a for a in cmd)
+        )
+        return pid if is_ours else None
+
+    def argv(self, site: str, port: int) -> list[str]:
+        s = self._site(site)
+        node_config = " ".join(
+            [
+                self._marker(site),
+                f'state-dir="{self._node_dir(site)}"',
+                f"train-w={s.train_kw * 1000.0}",
+                f"idle-w={s.idle_kw * 1000.0}",
+            ]
+        )
+        return [
+            self.executable,
+            "--insecure",
+            "--superlink",
+            self.superlink,
+            "--port",
+            str(port),
+            "--node-config",
+            node_config,
+        ]
+
+    def _launch(self, site: str) -> None:
+        with self._lock:
+            node = self._nodes.get(site)
+            if node is None or node.state != "provisioning":
+                return  # stopped while waiting out the delay
+            s = self._site(site)
+            node_dir = self._node_dir(site)
+            (node_dir / "flwr-home").mkdir(parents=True, exist_ok=True)
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            port = s.port or _free_port()
+            env = {
+                **self.env,
+                "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in s.gpus),
+                "FLWR_HOME": str(node_dir / "flwr-home"),
+            }
+            with open(self.log_dir / f"supernode-{site}.log", "ab") as log:
+                proc = subprocess.Popen(
+                    self.argv(site, port),
+                    env=env,
+                    cwd=node_dir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            self._pidfile(site).write_text(f"{proc.pid}\n")
+            node.state, node.proc, node.pid, node.port, node.timer = (
+                "running",
+                proc,
+                proc.pid,
+                port,
+                None,
+            )
+
+    def _terminate(self, site: str, node: _Node, drain: bool) -> None:
+        """SIGTERM (drain) or SIGKILL the node's process group and subtree; reap; clean up."""
+        pid = node.pid
+        assert pid is not None
+        tree = [pid, *descendants(pid)]
+        sig = signal.SIGTERM if drain else signal.SIGKILL
+        try:
+            os.killpg(pid, sig)  # the node, its SuperExec and running ClientApps
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in tree:  # anything that left the group
+            try:
+                os.kill(p, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + self.stop_timeout_s
+        while time.monotonic() < deadline:
+            if node.proc is not None:
+                node.proc.poll()
+            if not any(alive(p) for p in tree):
+                break
+            time.sleep(0.1)
+        for p in tree:
+            if alive(p):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if node.proc is not None:
+            node.proc.wait()
+        with self._lock:
+            self._pidfile(site).unlink(missing_ok=True)
+            if self._nodes.get(site) is node:
+                node.state = "stopped"
+
+    # -- interface ----------------------------------------------------------------------------
+    def start(self, site: str) -> None:
+        s = self._site(site)
+        with self._lock:
+            node = self._nodes.get(site)
+            if node is not None and node.state in ("provisioning", "running"):
+                return
+            pid = self._adopt(site)
+            if pid is not None:
+                self._nodes[site] = _Node("running", pid=pid)
+                return
+            node = self._nodes[site] = _Node("provisioning")
+            delay = max(0.0, float(self.to_wall(s.provision_delay_s)))
+            node.timer = threading.Timer(delay, self._launch, (site,))
+            node.timer.daemon = True
+            node.timer.start()
+
+    def stop(self, site: str, drain: bool = True) -> None:
+        self._site(site)
+        with self._lock:
+            node = self._nodes.get(site)
+            if node is None:
+                pid = self._adopt(site)  # started by an earlier ServerApp
+                if pid is None:
+                    return
+                node = self._nodes[site] = _Node("running", pid=pid)
+            if node.state in ("stopping", "stopped"):
+                return
+            if node.timer is not None:
+                node.timer.cancel()
+            if node.pid is None:
+                node.state = "stopped"
+                return
+            node.state = "stopping"
+        # Off the control loop: a draining SuperNode may take seconds to exit.
+        t = threading.Thread(target=self._terminate, args=(site, node, drain), daemon=True)
+        t.start()
+        self._stoppers.append(t)
+
+    def status(self) -> dict[str, str]:
+        out = {}
+        with self._lock:
+            for site, node in self._nodes.items():
+                state = node.state
+                if state == "running":
+                    rc = node.proc.poll() if node.proc is not None else None
+                    if rc is not None or (node.pid is not None and not alive(node.pid)):
+                        state = f"failed:exit {rc}" if rc is not None else "failed:gone"
+                out[site] = state
+        return out
+
+    def close(self) -> None:
+        super().close()
+        for t in self._stoppers:
+            t.join(self.stop_timeout_s + 5)

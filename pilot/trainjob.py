@@ -1,0 +1,313 @@
+"""One site's share of a round: the torch side of the ClientApp's ``train`` handler.
+
+``run_job(job, weights)`` builds the model from the global weights, restores this site's
+inner optimizer state from node-local disk (DiLoCo keeps inner state between rounds), trains
+with ``nanochat.train.run`` until the round deadline, the site's Redis stop key, or the end of
+its data assignment, saves the inner state again and returns the new weights and a summary.
+
+One process per GPU (DDP over NCCL, spawned like torchrun) when the site has several GPUs;
+otherwise a single in-process worker (CPU: gloo is not needed for one process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ENV_REDIS = "CURTAIL_REDIS_URL"
+# How often a training process asks Redis for its stop key: cheap enough per step, but a
+# step can be milliseconds on a tiny model, so rate-limit instead of asking every step.
+STOP_POLL_S = 0.5
+
+
+@dataclass
+class Job:
+    """What the server asks of a site for one round (JSON in the TRAIN message's config)."""
+
+    site: str
+    run: str
+    round: int
+    global_step: int
+    deadline_wall: float
+    assignment: dict  # pilot.datamgr.Assignment.to_dict()
+    train_config: dict  # nanochat.train.TrainConfig fields
+    data_dir: str
+    tokenizer_dir: str
+    state_dir: str  # node-local: inner optimizer state lives here between rounds
+    max_steps: int | None = None  # the run's step budget left
+
+
+@dataclass
+class JobResult:
+    tokens: int
+    steps: int
+    loss: float  # mean training loss over this job's steps (nan when no step ran)
+    losses: list[float]
+    start_step: int
+    end_step: int
+    stopped_by: str
+    started_at: float  # wall
+    ended_at: float
+    consumed: dict[str, int]  # absolute row offsets per chunk key, for the data ledger
+    energy_j: float | None  # NVML-measured over the job, None where not measurable
+    world: int
+    device: str
+    stats: dict = field(default_factory=dict)
+
+
+def _connect_signals(run: str):
+    """pilot.signals.Signals of this run when CURTAIL_REDIS_URL is set, else None (a site
+    without Redis still trains; it just cannot be stopped early or publish metrics)."""
+    url = os.environ.get(ENV_REDIS)
+    if not url:
+        return None
+    from pilot.signals import Signals, connect
+
+    return Signals(connect(url), run)
+
+
+class _Energy:
+    """Total GPU energy over the job from NVML counters (mJ), when available."""
+
+    def __init__(self, device: torch.device):
+        self.handles: list[Any] = []
+        self.start = 0
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            idx = (
+                [int(i) for i in visible.split(",") if i.strip()]
+                if visible
+                else list(range(torch.cuda.device_count()))
+            )
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in idx]
+            self.nvml = pynvml
+            self.start = self._total()
+        except Exception:  # noqa: BLE001 - no NVML (driver, library, permissions): model it
+            self.handles = []
+
+    def _total(self) -> int:
+        return sum(self.nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self.handles)
+
+    def joules(self) -> float | None:
+        if not self.handles:
+            return None
+        return (self._total() - self.start) / 1000.0
+
+
+def _stopper(sig, site: str, round_n: int) -> Callable[[], bool]:
+    """True once the server asked this site to stop (it must leave) or ended the round early
+    (e.g. it shortened the round when a second site joined)."""
+    last, stopped = 0.0, False
+
+    def should_stop() -> bool:
+        nonlocal last, stopped
+        now = time.monotonic()
+        if sig is None or stopped or now - last < STOP_POLL_S:
+            return stopped
+        last = now
+        try:
+            stopped = sig.stop_reason(site) is not None or sig.round_ended(round_n)
+        except Exception:  # noqa: BLE001 - Redis hiccup: keep training, the deadline still holds
+            stopped = False
+        return stopped
+
+    return should_stop
+
+
+def _inner_path(job: Job, rank: int) -> Path:
+    return Path(job.state_dir) / f"inner-rank{rank}.pt"
+
+
+def _restore_inner(optimizers: list, job: Job, rank: int, world: int) -> bool:
+    """Load the inner optimizer state saved by this site's previous round, if compatible."""
+    path = _inner_path(job, rank)
+    if not path.is_file():
+        return False
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if (
+            saved["run"] != job.run
+            or saved["world"] != world
+            or saved["train_config"] != json.dumps(job.train_config, sort_keys=True)
+        ):
+            return False
+        for opt, sd in zip(optimizers, saved["optim"], strict=True):
+            opt.load_state_dict(sd)
+        return True
+    except (OSError, RuntimeError, KeyError, ValueError):
+        return False  # a torn or foreign file: start the inner optimizer fresh
+
+
+def _save_inner(optimizers: list, job: Job, rank: int, world: int) -> None:
+    path = _inner_path(job, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    torch.save(
+        {
+            "run": job.run,
+            "world": world,
+            "round": job.round,
+            "train_config": json.dumps(job.train_config, sort_keys=True),
+            "optim": [o.state_dict() for o in optimizers],
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def _worker(
+    job: Job,
+    weights: dict[str, torch.Tensor],
+    device: torch.device,
+    autocast_ctx,
+    rank: int,
+    world: int,
+) -> tuple[dict[str, torch.Tensor] | None, JobResult]:
+    from nanochat.dataloader import DataLoader
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import Tokenizer
+    from nanochat.train import TrainConfig, run
+
+    cfg = TrainConfig.from_dict(job.train_config)
+    torch.manual_seed(cfg.seed + job.global_step + rank)
+    model = GPT(GPTConfig.from_depth(cfg.depth, cfg.vocab_size, cfg.sequence_len)).to(device)
+    model.load_state_dict(weights)  # copy_ casts a bf16 transfer back to fp32 parameters
+    optimizers = model.setup_optimizers(
+        unembedding_lr=cfg.unembedding_lr,
+        embedding_lr=cfg.embedding_lr,
+        matrix_lr=cfg.matrix_lr,
+        weight_decay=cfg.weight_decay,
+    )
+    restored = _restore_inner(optimizers, job, rank, world)
+    loader = DataLoader(
+        Tokenizer.load(job.tokenizer_dir),
+        job.data_dir,
+        cfg.device_batch_size,
+        cfg.sequence_len,
+        chunks=job.assignment["chunks"],
+        start_rows=job.assignment["start_rows"],
+        rank=rank,
+        world=world,
+        device=device,
+    )
+
+    # Every rank polls the stop key (the stop vote in nanochat.train.run is joint); only
+    # rank 0 publishes metrics and power.
+    sig = _connect_signals(job.run)
+
+    def on_step(step: int, loss: float, tok_s: float, lrm: float) -> None:
+        if sig is not None and rank == 0:
+            sig.log_step(job.site, step=step, loss=loss, tok_s=tok_s, lr=lrm, round=job.round)
+
+    energy = _Energy(device)
+    if sig is not None and rank == 0:
+        sig.set_power(job.site, job.train_w)
+    try:
+        res = run(
+            model,
+            optimizers,
+            loader,
+            cfg,
+            start_step=job.global_step,
+            max_steps=job.max_steps,
+            deadline=job.deadline_wall,
+            should_stop=_stopper(sig, job.site),
+            on_step=on_step,
+            ddp=world > 1,
+            autocast_ctx=autocast_ctx,
+        )
+    finally:
+        if sig is not None and rank == 0:
+            sig.set_power(job.site, job.idle_w)
+    _save_inner(optimizers, job, rank, world)
+    result = JobResult(
+        tokens=res.tokens,
+        steps=res.steps,
+        loss=statistics.fmean(res.losses) if res.losses else float("nan"),
+        losses=res.losses,
+        start_step=res.start_step,
+        end_step=res.end_step,
+        stopped_by=res.stopped_by,
+        started_at=res.started_at,
+        ended_at=res.ended_at,
+        consumed=res.consumed,
+        energy_j=energy.joules(),
+        world=world,
+        device=device.type,
+        stats={**res.stats, "inner_state_restored": restored},
+    )
+    if rank != 0:
+        return None, result
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(rank: int, world: int, port: int, job: Job, workdir: str) -> None:
+    """Entry of one DDP process (torch.multiprocessing.spawn): torchrun's env, then the job."""
+    from nanochat.common import device_setup, device_teardown
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    device, autocast_ctx, _, _ = device_setup()
+    try:
+        weights = torch.load(Path(workdir) / "global.pt", map_location="cpu", weights_only=True)
+        state, result = _worker(job, weights, device, autocast_ctx, rank, world)
+        if rank == 0:
+            torch.save({"state": state, "result": asdict(result)}, Path(workdir) / "result.pt")
+    finally:
+        device_teardown()
+
+
+def world_size(job: Job) -> int:
+    """Processes for this job: one per visible GPU, never more than assigned chunks (every
+    rank reads its own chunks), 1 on CPU."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return max(1, min(gpus, len(job.assignment["chunks"])))
+
+
+def run_job(
+    job: Job, weights: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], JobResult]:
+    """Train this site's share of the round; returns (new weights, summary)."""
+    world = world_size(job)
+    if world == 1:
+        from nanochat.common import device_setup
+
+        device, autocast_ctx, _, _ = device_setup()
+        state, result = _worker(job, weights, device, autocast_ctx, 0, 1)
+        assert state is not None
+        return state, result
+
+    import torch.multiprocessing as mp
+
+    Path(job.state_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=job.state_dir) as workdir:
+        torch.save(weights, Path(workdir) / "global.pt")
+        mp.spawn(_spawned, args=(world, _free_port(), job, workdir), nprocs=world, join=True)
+        out = torch.load(Path(workdir) / "result.pt", map_location="cpu", weights_only=True)
+    return out["state"], JobResult(**out["result"])

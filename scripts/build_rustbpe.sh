@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Build the rustbpe extension (rustbpe/) into a virtualenv with maturin.
+#
+#   scripts/build_rustbpe.sh                     # into $VENV, default ./.venv
+#   RUSTBPE_OFFLINE=1 scripts/build_rustbpe.sh   # skip the network probe, build offline
+#
+# Online (crates.io reachable): a plain `maturin develop --release`.
+# Offline: the crates come from Debian's `librust-*-dev` packages (apt-get installs them when
+# missing) through a cargo source replacement in a build-only CARGO_HOME under rustbpe/target/
+# (ignored), so nothing offline-specific lands in tracked files or ~/.cargo: the same
+# rustbpe/Cargo.toml builds from crates.io anywhere else.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$(cd "${VENV:-$ROOT/.venv}" && pwd)"
+MANIFEST="$ROOT/rustbpe/Cargo.toml"
+DEBIAN_REGISTRY=/usr/share/cargo/registry
+# The Debian packages of the direct dependencies; apt pulls in the rest of the tree.
+DEBIAN_CRATES=(librust-pyo3-dev librust-fancy-regex-dev librust-rayon-dev librust-ahash-dev)
+
+command -v cargo >/dev/null || { echo "build_rustbpe: cargo not found (need Rust >= 1.65)" >&2; exit 1; }
+[ -x "$VENV/bin/python" ] || { echo "build_rustbpe: no virtualenv at $VENV" >&2; exit 1; }
+MATURIN="$VENV/bin/maturin"
+[ -x "$MATURIN" ] || { echo "build_rustbpe: maturin missing in $VENV (pip install 'maturin>=1.5,<2')" >&2; exit 1; }
+
+crates_io_reachable() {
+    # The sparse index serves a tiny JSON file; 5 s is plenty where the network works.
+    if command -v curl >/dev/null; then
+        curl -fsS -m 5 -o /dev/null https://index.crates.io/config.json 2>/dev/null
+    else
+        "$VENV/bin/python" -c 'import urllib.request as u; u.urlopen("https://index.crates.io/config.json", timeout=5)' 2>/dev/null
+    fi
+}
+
+if [ "${RUSTBPE_OFFLINE:-}" = 1 ] || ! crates_io_reachable; then
+    echo "build_rustbpe: crates.io unreachable, building from Debian's crates in $DEBIAN_REGISTRY"
+    missing=()
+    for pkg in "${DEBIAN_CRATES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        SUDO=""
+        [ "$(id -u)" = 0 ] || SUDO="sudo"
+        $SUDO apt-get update -qq
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    fi
+    # maturin does not forward cargo's `--config` to its own `cargo metadata` call, hence a
+    # throw-away CARGO_HOME (rustup finds its toolchains through RUSTUP_HOME, unaffected).
+    export CARGO_HOME="$ROOT/rustbpe/target/offline-cargo-home"
+    mkdir -p "$CARGO_HOME"
+    cat >"$CARGO_HOME/config.toml" <<EOF
+[source.crates-io]
+replace-with = "debian-packages"
+
+[source.debian-packages]
+directory = "$DEBIAN_REGISTRY"
+
+[net]
+offline = true
+EOF
+    # A lock file resolved against crates.io may name versions Debian lacks; resolve afresh
+    # (rustbpe/Cargo.lock is not tracked for this reason).
+    rm -f "$ROOT/rustbpe/Cargo.lock"
+fi
+
+cd "$ROOT"
+VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" "$MATURIN" develop --release --manifest-path "$MANIFEST"
+"$VENV/bin/python" -c "import rustbpe; print('build_rustbpe: ok', rustbpe.__file__)"

@@ -1,0 +1,113 @@
+"""The training loop: loss falls, exact resume through a checkpoint, stop reasons, bpb."""
+
+import math
+import time
+
+import pytest
+import torch
+
+from nanochat import checkpoint
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import chunk_table
+from nanochat.tokenizer import Tokenizer
+from nanochat.train import (
+    TrainConfig,
+    build_model,
+    evaluate_bpb,
+    lr_multiplier,
+    muon_momentum,
+    run,
+    weight_decay_multiplier,
+)
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return Tokenizer.load(tokenizer_dir)
+
+
+def config(**kw):
+    base = dict(depth=2, vocab_size=1024, sequence_len=64, device_batch_size=8, total_batch_size=1024, num_iterations=40)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_loss_falls_and_bpb_improves(tok, demo_data):
+    cfg = config()
+    model, opts = build_model(cfg)
+    token_bytes = tok.token_bytes()
+    bpb0 = evaluate_bpb(model, DataLoader(tok, demo_data, 8, 64, split="val"), token_bytes, steps=4)
+    seen = []
+    result = run(model, opts, DataLoader(tok, demo_data, 8, 64, loop=True), cfg, on_step=lambda *a: seen.append(a))
+    assert result.stopped_by == "steps" and result.steps == result.end_step == 40
+    assert result.tokens == 40 * 1024
+    assert abs(result.losses[0] - math.log(1024)) < 0.1
+    assert sum(result.losses[-5:]) / 5 < result.losses[0] - 1.5
+    assert [s[0] for s in seen] == list(range(1, 41)) and seen[-1][2] > 0  # step, loss, tok/s, lr
+    bpb1 = evaluate_bpb(model, DataLoader(tok, demo_data, 8, 64, split="val"), token_bytes, steps=4)
+    assert bpb1 < bpb0 - 0.3
+    assert sum(result.consumed.values()) == result.stats["docs"]
+
+
+def test_resume_from_checkpoint_is_exact(tok, demo_data, tmp_path):
+    cfg = config(num_iterations=8, warmdown_ratio=0.5, weight_decay=0.1)
+    model, opts = build_model(cfg)
+    straight = run(model, opts, DataLoader(tok, demo_data, 8, 64, loop=True), cfg)
+
+    model, opts = build_model(cfg)
+    first = run(model, opts, DataLoader(tok, demo_data, 8, 64, loop=True), cfg, max_steps=3)
+    assert first.stopped_by == "steps" and first.end_step == 3
+    checkpoint.save(
+        tmp_path, model.state_dict(), [o.state_dict() for o in opts],
+        {"step": first.end_step, "cursor": first.cursor, "rng": checkpoint.rng_state()},
+    )
+
+    model_state, optim_states, meta = checkpoint.load(tmp_path)
+    model, opts = build_model(config(num_iterations=8, warmdown_ratio=0.5, weight_decay=0.1, seed=7))
+    model.load_state_dict(model_state)
+    for opt, state in zip(opts, optim_states, strict=True):
+        opt.load_state_dict(state)
+    checkpoint.set_rng_state(meta["rng"])
+    loader = DataLoader(tok, demo_data, 8, 64, cursor=meta["cursor"])
+    second = run(model, opts, loader, cfg, start_step=meta["step"])
+    assert second.start_step == 3 and second.end_step == 8
+    assert first.losses + second.losses == pytest.approx(straight.losses, abs=1e-5)
+    assert second.cursor == straight.cursor and second.consumed == straight.consumed
+
+
+def test_stop_reasons(tok, demo_data):
+    cfg = config(total_batch_size=512)
+    model, opts = build_model(cfg)
+    assert run(model, opts, DataLoader(tok, demo_data, 8, 64, loop=True), cfg, deadline=time.time()).stopped_by == "deadline"
+    calls = iter([False, False, True])
+    r = run(model, opts, DataLoader(tok, demo_data, 8, 64, loop=True), cfg, should_stop=lambda: next(calls))
+    assert (r.stopped_by, r.steps) == ("stop", 2)
+    one_chunk = [chunk_table(demo_data)[-1]]
+    r = run(model, opts, DataLoader(tok, demo_data, 8, 64, chunks=one_chunk), cfg, start_step=5)
+    assert r.stopped_by == "data" and r.steps > 0 and r.start_step == 5
+    assert list(r.consumed.values()) == [one_chunk[0].rows]
+
+
+def test_schedules():
+    cfg = TrainConfig(num_iterations=100, warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.1)
+    assert lr_multiplier(0, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(50, cfg) == 1.0
+    assert lr_multiplier(90, cfg) == pytest.approx(0.5 + 0.5 * 0.1)
+    assert lr_multiplier(100, cfg) == pytest.approx(0.1)
+    assert muon_momentum(0, cfg) == pytest.approx(0.85) and muon_momentum(300, cfg) == pytest.approx(0.95)
+    assert weight_decay_multiplier(25, cfg) == 0.75
+    with pytest.raises(ValueError, match="not a multiple"):
+        TrainConfig(total_batch_size=1000).grad_accum_steps()
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_checkpoint_files(tmp_path):
+    assert checkpoint.latest(tmp_path) is None
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, {"w": torch.full((2,), float(step))}, [], {"step": step}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000002.pt", "step_000000003.pt"]
+    model_state, optim_states, meta = checkpoint.load(checkpoint.latest(tmp_path))
+    assert meta["step"] == 3 and torch.equal(model_state["w"], torch.full((2,), 3.0))
+    with pytest.raises(FileNotFoundError):
+        checkpoint.load(tmp_path / "empty")

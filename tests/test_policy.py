@@ -1,0 +1,238 @@
+"""Curtailment policy: hysteresis, forecast-aware pre-provisioning, graceful degradation, and
+the batch implementation agreeing with the step one."""
+
+import math
+
+import numpy as np
+import pytest
+
+from pilot import policy as P
+from pilot.sites import Site, SitesConfig
+from pilot.traces import Trace, synthetic, windows
+
+DELAY = 240.0
+THR = 100.0
+
+
+def sites_config(regions: list[str], **policy) -> SitesConfig:
+    sites = [Site(f"s{i}", r, [0], 2.024, 0.468, DELAY) for i, r in enumerate(regions)]
+    knobs = dict(threshold=THR, release_delay_s=600.0, enter_dwell_s=0.0, min_window_s=900.0)
+    return SitesConfig(sites, **{**knobs, **policy})
+
+
+def run_steps(pol: P.Policy, trace: Trace, sites: SitesConfig, ticks, fc: P.Forecaster | None):
+    """Drive Policy.step with the provisioning model "ready `delay` s after provisioning"."""
+    names = sites.names
+    prov_since: dict[str, float] = {}
+    prov, train, ready_log = [], [], []
+    for now in ticks:
+        now = float(now)
+        ready = {s for s, t in prov_since.items() if now - t >= pol.delay(s)}
+        mci = {s.name: trace.at(s.region, now) for s in sites.sites}
+        fcs = (
+            {
+                s.name: fc.forecast(s.region, now, pol.cfg.horizon_s, mci[s.name])
+                for s in sites.sites
+            }
+            if fc
+            else {}
+        )
+        d = pol.step(now, mci, fcs, ready)
+        assert d.mode == P.Mode.of(len(d.train))
+        assert d.train <= d.provision and set(d.reasons) == set(names)
+        prov_since = {s: prov_since.get(s, now) for s in d.provision}
+        prov.append([s in d.provision for s in names])
+        train.append([s in d.train for s in names])
+        ready_log.append([s in ready for s in names])
+    return np.array(prov).T, np.array(train).T, np.array(ready_log).T
+
+
+def toggles(x: np.ndarray) -> int:
+    return int(np.sum(x[1:] != x[:-1]))
+
+
+def flicker_trace() -> Trace:
+    """1 h well above, 4 h flickering 95/105 every 5 min, 2 h well above."""
+    step = 300.0
+    vals = [300.0] * 12 + [95.0 if i % 2 == 0 else 105.0 for i in range(48)] + [300.0] * 25
+    times = 1.7e9 + step * np.arange(len(vals))
+    return Trace(times, ["X"], np.array([vals]))
+
+
+@pytest.mark.parametrize("name", ["forecast", "prototype"])
+def test_flickering_signal_opens_one_window_and_closes_it_once(name):
+    trace = flicker_trace()
+    sc = sites_config(["X"])
+    pol = P.make_policy(name, sc)
+    prov, train, _ = run_steps(pol, trace, sc, trace.times, P.persistence(trace))
+    assert toggles(prov[0]) == 2 and toggles(train[0]) == 2
+    # the oracle (no hysteresis) follows every flicker: the case is a real flicker
+    _, train_o, _ = run_steps(P.make_policy("oracle", sc), trace, sc, trace.times, None)
+    assert toggles(train_o[0]) > 40
+
+
+def merged_windows(trace: Trace, region: str, release_s: float) -> list[tuple[float, float]]:
+    """Raw windows with gaps shorter than the release delay merged (what hysteresis sees)."""
+    out: list[list[float]] = []
+    for a, b in windows(trace.times, trace.row(region), THR):
+        if out and a - out[-1][1] < release_s:
+            out[-1][1] = b
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+REGIONS = ["CAISO_NORTH", "SPP_TX", "NEM_SA"]
+
+
+@pytest.mark.parametrize("tick_s", [300.0, 60.0])
+def test_right_forecast_makes_site_ready_at_window_start(tick_s):
+    trace = synthetic(REGIONS, 72, seed=3)
+    sc = sites_config(REGIONS)
+    pol = P.make_policy("forecast", sc)
+    ticks = np.arange(trace.start, trace.end - 3600, tick_s)
+    prov, train, ready = run_steps(pol, trace, sc, ticks, P.perfect(trace))
+    checked = 0
+    for i, region in enumerate(REGIONS):
+        for a, b in merged_windows(trace, region, 600.0):
+            if a < trace.start + 2 * DELAY or b - a < 1800 or b > ticks[-1]:
+                continue
+            k = int(np.searchsorted(ticks, a))  # first tick at/after the window opens
+            starts = np.flatnonzero(prov[i, : k + 1] & ~np.r_[False, prov[i, :k]])
+            ready_at = ticks[starts[-1]] + DELAY
+            assert ready_at <= a, f"{region}: ready {ready_at - a:.0f} s after window start"
+            assert ready[i, k] and train[i, k]
+            checked += 1
+    assert checked >= 5
+
+
+@pytest.mark.parametrize("fc_name", ["persistence", "same_time_yesterday", "shifted"])
+def test_wrong_forecast_misses_no_window_by_more_than_the_provisioning_delay(fc_name):
+    trace = synthetic(REGIONS, 96, seed=5)
+    sc = sites_config(REGIONS)
+    pol = P.make_policy("forecast", sc)
+    if fc_name == "shifted":  # a forecast 90 min late
+        fc = P.perfect(Trace(trace.times + 5400, trace.regions, trace.values))
+    else:
+        fc = P.make_forecaster(fc_name, trace)
+    tick = 300.0
+    ticks = np.arange(trace.start, trace.end - 3600, tick)
+    prov, train, _ = run_steps(pol, trace, sc, ticks, fc)
+    checked = 0
+    for i, region in enumerate(REGIONS):
+        for a, b in merged_windows(trace, region, 600.0):
+            if a < trace.start + tick or b > ticks[-1] or b - a < 1800:
+                continue
+            k_open = int(np.searchsorted(ticks, a))
+            k_train = k_open + int(np.argmax(train[i, k_open:]))
+            assert train[i, k_train], f"{region}: window at {a} never trained"
+            late = ticks[k_train] - a
+            assert late <= DELAY + 2 * tick, f"{region}: trained {late:.0f} s after window start"
+            checked += 1
+    assert checked >= 6
+
+
+def test_short_predicted_windows_are_skipped_and_long_ones_kept():
+    vals = [300.0] * 12 + [60.0] * 2 + [300.0] * 12 + [60.0] * 24 + [300.0] * 14
+    times = 1.7e9 + 300.0 * np.arange(len(vals))
+    trace = Trace(times, ["X"], np.array([vals]))
+    sc = sites_config(["X"])
+    prov, train, _ = run_steps(P.make_policy("forecast", sc), trace, sc, times, P.perfect(trace))
+    assert not prov[0, :24].any()  # the ~10-min window is not worth 240 s of provisioning
+    assert train[0, 26:48].all()
+    # the prototype provisions for both
+    prov_p, _, _ = run_steps(P.make_policy("prototype", sc), trace, sc, times, None)
+    assert prov_p[0, 12:14].all()
+
+
+def test_predicted_window_that_never_comes_is_abandoned_after_release_delay():
+    vals = [300.0] * 60
+    times = 1.7e9 + 300.0 * np.arange(len(vals))
+    trace = Trace(times, ["X"], np.array([vals]))
+    lying = Trace(times, ["X"], np.array([[300.0] * 12 + [50.0] * 36 + [300.0] * 12]))
+    sc = sites_config(["X"])
+    prov, train, _ = run_steps(P.make_policy("forecast", sc), trace, sc, times, P.perfect(lying))
+    on = np.flatnonzero(prov[0])
+    assert on.size and not train.any()
+    # pre-provisioned just before the predicted opening, held release_delay_s, then dropped
+    assert times[on[-1]] - lying.times[12] <= 600.0 and toggles(prov[0]) == 2
+
+
+def test_oracle_trains_exactly_while_below_threshold():
+    trace = synthetic(REGIONS, 24, seed=2)
+    sc = sites_config(REGIONS)
+    _, train, _ = run_steps(P.make_policy("oracle", sc), trace, sc, trace.times, None)
+    assert (train == (trace.values < THR)).all()
+
+
+@pytest.mark.parametrize(
+    "name,fc_name,tick_s,enter_dwell",
+    [
+        ("forecast", "perfect", 300.0, 0.0),
+        ("forecast", "perfect", 120.0, 300.0),
+        ("forecast", "same_time_yesterday", 300.0, 0.0),
+        ("forecast", "persistence", 300.0, 0.0),
+        ("prototype", None, 300.0, 0.0),
+        ("oracle", None, 300.0, 0.0),
+    ],
+)
+def test_batch_decisions_equal_step_decisions(name, fc_name, tick_s, enter_dwell):
+    regions = REGIONS + ["DE"]
+    trace = synthetic(regions, 60, seed=11)
+    sc = sites_config(regions, enter_dwell_s=enter_dwell)
+    ticks = np.arange(trace.start, trace.end, tick_s)
+    fc = P.make_forecaster(fc_name, trace) if fc_name else None
+    prov, train, ready = run_steps(P.make_policy(name, sc), trace, sc, ticks, fc)
+    cfg = P.policy_config(sc, name)
+    mci = trace.series_all(ticks, regions)
+    delays = np.array([s.provision_delay_s for s in sc.sites])
+    fa = (
+        P.forecast_arrays(fc, trace, regions, ticks, cfg.horizon_s, THR, cfg.release_delay_s, mci)
+        if fc
+        else None
+    )
+    # in two chunks, carrying the state over
+    half = len(ticks) // 2
+    r1 = P.simulate_batch(cfg, delays, ticks[:half], mci[:, :half], _cols(fa, 0, half))
+    r2 = P.simulate_batch(cfg, delays, ticks[half:], mci[:, half:], _cols(fa, half, None), r1.state)
+    np.testing.assert_array_equal(np.hstack([r1.provision, r2.provision]), prov)
+    np.testing.assert_array_equal(np.hstack([r1.train, r2.train]), train)
+    np.testing.assert_array_equal(np.hstack([r1.ready, r2.ready]), ready)
+
+
+def _cols(fa, a, b):
+    if fa is None:
+        return None
+    return P.ForecastArrays(fa.now_value[:, a:b], fa.t_open[:, a:b], fa.t_close[:, a:b])
+
+
+def test_forecast_arrays_equal_outlook_of_forecast_lists():
+    trace = synthetic(REGIONS, 30, seed=4)
+    ticks = np.arange(trace.start, trace.end, 170.0)  # off-grid ticks
+    for fc in (P.perfect(trace), P.same_time_yesterday(trace)):
+        fa = P.forecast_arrays(fc, trace, REGIONS, ticks, 3600.0, THR, 600.0)
+        for i, r in enumerate(REGIONS):
+            for k, t in enumerate(ticks):
+                ol = P.outlook(fc.forecast(r, float(t), 3600.0), THR, 600.0)
+                if ol is None:
+                    assert math.isnan(fa.now_value[i, k])
+                    continue
+                assert fa.now_value[i, k] == pytest.approx(ol.now_value)
+                for got, want in ((fa.t_open[i, k], ol.t_open), (fa.t_close[i, k], ol.t_close)):
+                    assert got == pytest.approx(want, abs=1e-3) or (
+                        math.isinf(got) and math.isinf(want)
+                    )
+
+
+def test_outlook_merges_blips_shorter_than_the_release_delay():
+    fc = [
+        (0.0, 200.0),
+        (100.0, 50.0),
+        (200.0, 150.0),
+        (300.0, 50.0),
+        (2000.0, 50.0),
+        (2100.0, 200.0),
+    ]
+    ol = P.outlook(fc, 100.0, release_s=600.0)
+    assert ol.t_open == pytest.approx(200 / 3) and ol.t_close == pytest.approx(2100 - 100 * 2 / 3)
+    assert P.outlook(fc, 100.0, release_s=0.0).t_close == pytest.approx(150.0)
