@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -27,9 +28,20 @@ from pilot.traces import synthetic
 DAY_S = 86400.0
 
 
+def machine_speed_us() -> float:
+    """Wall time of one small numpy op (1000 floats): a yardstick for how busy the machine
+    is, so figures from a shared machine can be compared (about 1 us when idle)."""
+    x = np.random.default_rng(0).random(1000)
+    t = time.perf_counter()
+    for _ in range(2000):
+        x < 0.5  # noqa: B015
+    return (time.perf_counter() - t) / 2000 * 1e6
+
+
 def run_one(
     sites: int, days: float, tick_s: float, chunk_days: float, name: str, forecaster: str
 ) -> dict:
+    calib = machine_speed_us()
     regions = [f"R{i:04d}" for i in range(sites)]
     rng = np.random.default_rng(0)
     offsets = dict(zip(regions, rng.uniform(-10, 12, sites).round(1).tolist(), strict=True))
@@ -88,6 +100,8 @@ def run_one(
         "ns_per_site_tick": 1e9 * total / site_ticks,
         "train_share": trained / site_ticks,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "ufunc_us": calib,
+        "loadavg": os.getloadavg()[0],
     }
 
 
@@ -140,7 +154,8 @@ def main() -> None:
             f"{r['sites']:5d} sites x {r['days']:6.1f} d: {r['s_total']:7.2f} s "
             f"(interp {r['s_interp']:.2f}, forecast {r['s_forecast']:.2f}, policy {r['s_policy']:.2f})  "
             f"{r['ms_per_sim_day']:8.1f} ms/sim-day  {r['ns_per_site_tick']:6.1f} ns/site-tick  "
-            f"peak {r['peak_rss_mb']:.0f} MB  trained {100 * r['train_share']:.1f}% of site-ticks",
+            f"peak {r['peak_rss_mb']:.0f} MB  trained {100 * r['train_share']:.1f}% of site-ticks  "
+            f"(numpy op {r['ufunc_us']:.1f} us, load {r['loadavg']:.1f})",
             flush=True,
         )
     small, wide, long_, full = results
@@ -155,7 +170,8 @@ def main() -> None:
         f"sites={full['sites']} days={full['days']:g} tick_s={a.tick:g} policy={a.policy} "
         f"forecaster={a.forecaster} total_s={full['s_total']:.2f} ms_per_sim_day={full['ms_per_sim_day']:.1f} "
         f"ns_per_site_tick={full['ns_per_site_tick']:.1f} peak_rss_mb={full['peak_rss_mb']:.0f} "
-        f"scale_sites_x4={sites_ratio:.2f} scale_days_x4={days_ratio:.2f} scale_x16={full_ratio:.2f}"
+        f"scale_sites_x4={sites_ratio:.2f} scale_days_x4={days_ratio:.2f} scale_x16={full_ratio:.2f} "
+        f"numpy_op_us={full['ufunc_us']:.2f} loadavg={full['loadavg']:.1f}"
     )
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-# Measured on the 2-core CPU box (bench/train_throughput.py, depth 2, T=256): 2 threads gave
-# ~1.5x the tokens/s of 1 thread for a single process, so a lone process uses every core and
-# DDP ranks share them out.
-DEFAULT_CPU_THREADS = os.cpu_count() or 1
+# Measured on the shared 2-core CI box (depth-2 model, 8x64 tokens, fwd+bwd): 1 thread 50 ms,
+# 2 threads 1090 ms. OpenMP workers spin-wait for each other, so with any other process on the
+# cores (tokenizer threads, a second DDP rank, other jobs) using every core collapses. Default:
+# half the cores, split over the ranks of this machine.
+DEFAULT_CPU_THREADS = max(1, (os.cpu_count() or 1) // 2)
 
 
 def curtail_home() -> Path:

@@ -464,7 +464,10 @@ class Ledger:
         threshold: float | None = None,
         grid_s: float = 60.0,
     ) -> dict[str, Any]:
-        """The report JSON: per-site and total energy/emissions/hours, and the baselines."""
+        """The report JSON: per-site and total energy/emissions/hours, and the baselines.
+
+        Accounts [start, end), by default the first and last instant the ledger recorded.
+        """
         sites = _sites_of(sites_config)
         if threshold is None:
             threshold = float(sites_config.threshold)
@@ -476,7 +479,18 @@ class Ledger:
         unknown = [s for s in self.sites() if s not in known]
         if unknown:
             raise ValueError(f"ledger has sites {unknown} that the sites config does not define")
-        ivs = self.intervals(end)
+        # Only [start, end) is accounted: a span reaching past it (a run going on after the
+        # trace ends) is cut, and measured joules are cut in proportion.
+        ivs = [
+            Interval(iv.site, max(iv.start, start), min(iv.end, end), iv.state)
+            for iv in self.intervals(end)
+            if min(iv.end, end) > max(iv.start, start)
+        ]
+        measured = [
+            Measured(m.site, a, b, m.joules * (b - a) / (m.end - m.start))
+            for m in self.measured
+            if (b := min(m.end, end)) > (a := max(m.start, start))
+        ]
         per: dict[str, Any] = {}
         tot = {
             "energy_kwh": 0.0,
@@ -490,7 +504,7 @@ class Ledger:
         for site in sites:
             mine = [iv for iv in ivs if iv.site == site.name]
             f = mci_fn(trace, site.region)
-            r = integrate(site_pieces(mine, site, self.measured), f, threshold, grid_s)
+            r = integrate(site_pieces(mine, site, measured), f, threshold, grid_s)
             tr = [(iv.start, iv.end, 1.0) for iv in mine if iv.state == "train"]
             trw = integrate(tr, f, threshold, grid_s)
             idle = [(iv.start, iv.end, _kw(site, "idle")) for iv in mine if iv.state == "idle"]

@@ -10,8 +10,9 @@ Messages (docs/ARCHITECTURE.md, "Flower messages"):
   ``ConfigRecord "report"`` = {site, consumed (JSON), intervals (JSON [[start, end]] wall
   seconds), stopped_by, start_step, end_step, losses (JSON), device, world}.
 
-Node config (``flower-supernode --node-config``): ``site`` (required) and ``state-dir``
-(node-local inner optimizer state; default CURTAIL_HOME/nodes/<site>). Every message runs in
+Node config (``flower-supernode --node-config``): ``site`` (required), ``state-dir``
+(node-local inner optimizer state; default CURTAIL_HOME/nodes/<site>) and ``cpu-threads``
+(torch threads of a CPU-only site; 0 or absent: all cores). Every message runs in
 a fresh process, so torch and nanochat are imported inside the handlers, and ``query`` does
 not import torch at all.
 """
@@ -79,8 +80,7 @@ def train(msg: Message, context: Context) -> Message:
         tokenizer_dir=str(resolve(str(cfg["tokenizer_dir"]))),
         state_dir=str(state_dir / str(cfg["run"])),
         max_steps=max_steps if max_steps > 0 else None,
-        train_w=float(node.get("train-w", 0.0)),
-        idle_w=float(node.get("idle-w", 0.0)),
+        cpu_threads=int(node.get("cpu-threads", 0)),
     )
     state, res = run_job(job, decode_state(msg.content["model"]))
     metrics = MetricRecord(

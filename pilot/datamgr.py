@@ -77,6 +77,10 @@ class DataLedger:
         return all(self._done[k] >= n for k, n in self._rows.items())
 
     @property
+    def num_chunks(self) -> int:
+        return len(self._order)
+
+    @property
     def total_rows(self) -> int:
         return sum(self._rows.values())
 

@@ -93,6 +93,7 @@ class Publisher(vs.Controller):
 
     def start(self, environment: vs.Environment) -> None:
         self.wall_start = time.time()
+        self.signals.reset_published(self.sites.names)
         self.signals.publish_meta(
             sim_start=repr(self.cfg.start),
             wall_start=repr(self.wall_start),
@@ -108,6 +109,7 @@ class Publisher(vs.Controller):
             horizon_s=self.cfg.horizon_s,
             forecaster=self.cfg.forecaster,
         )
+        self.signals.event("energy_sim", status="running", start=self.cfg.start, end=self.cfg.end)
 
     def step(self, now: datetime, microgrid_states: dict[str, vs.MicrogridState]) -> None:
         if self.stop.is_set():
@@ -116,7 +118,7 @@ class Publisher(vs.Controller):
         states, forecasts = {}, {}
         for site in self.sites.sites:
             ms = microgrid_states[site.name]
-            mci = float(ms["grid_signals"]["mci"])
+            mci = round(float(ms["grid_signals"]["mci"]), 3)  # as published: one truth
             power_w = -float(ms["actor_states"]["gpu"]["power"])
             # energy over the tick that starts now (setpoints are held for one step)
             self.energy_wh[site.name] += power_w * min(self.cfg.step_s, self.cfg.end - t) / 3600.0
@@ -125,7 +127,7 @@ class Publisher(vs.Controller):
                 self.transitions.append((t, site.name, curtailed))
                 self.last_curtailed[site.name] = curtailed
             states[site.name] = {
-                "mci": round(mci, 3),
+                "mci": mci,
                 "curtailed": curtailed,
                 "power_w": round(power_w, 3),
                 "energy_wh": round(self.energy_wh[site.name], 6),

@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     up = sub.add_parser("up", help="bring the local stack up, run a preset, report (default)")
     for parser in (p, up):
         add_up_args(parser)
+    prep = sub.add_parser("prepare", help="only build the preset's demo corpus and tokenizer")
+    prep.add_argument("--preset", default=argparse.SUPPRESS, help="preset (default cpu-demo)")
     args = p.parse_args(argv)
     args.command = args.command or "up"
     return args
@@ -83,12 +85,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def add_up_args(p: argparse.ArgumentParser) -> None:
     d = argparse.SUPPRESS  # so `curtail-llm --x` and `curtail-llm up --x` both work
     p.add_argument("--preset", default=d, help="preset name in configs/ (default cpu-demo)")
-    p.add_argument("--trace", default=d, help="MCI trace: wide or WattTime CSV")
+    p.add_argument(
+        "--trace",
+        nargs="+",
+        default=d,
+        metavar="FILE",
+        help="MCI trace: one wide CSV, or WattTime CSVs (one per region, REGION=path or named"
+        " after the region)",
+    )
     p.add_argument("--sites", default=d, help="sites TOML (default: the preset's)")
     p.add_argument("--redis-url", default=d, help="use this Redis instead of an embedded one")
     p.add_argument("--speedup", type=float, default=d, help="simulated seconds per wall second")
     p.add_argument("--run-name", default=d, help="runs/<run-name>/ (default: preset-time)")
     p.add_argument("--steps", type=int, default=d, help="training steps (schedule length)")
+    p.add_argument(
+        "--start",
+        default=d,
+        help="simulated start, ISO time with offset (default: the trace start)",
+    )
+    p.add_argument(
+        "--hours",
+        type=float,
+        default=d,
+        help="simulate only this many hours of the trace (default: to its end)",
+    )
     p.add_argument("--port", type=int, default=d, help="SuperLink port (0: a free one)")
     p.add_argument(
         "--set",
@@ -125,6 +145,8 @@ DEFAULTS: dict[str, Any] = {
     "speedup": None,
     "run_name": None,
     "steps": None,
+    "start": None,
+    "hours": None,
     "port": None,
     "set": [],
     "no_prepare": False,
@@ -142,9 +164,11 @@ class Plan:
     preset: str
     preset_path: Path
     launch: dict[str, Any]  # the preset's [launch] table
-    trace: Path
+    trace: list[str]  # absolute paths (WattTime files may be written REGION=path)
     sites: Path
     speedup: float
+    start: str | None
+    hours: float | None
     run_name: str
     run_dir: Path
     port: int
@@ -162,6 +186,7 @@ def presets() -> list[str]:
 
 
 def _is_preset(path: Path) -> bool:
+    """A preset has a [launch] table; other TOML files in configs/ are site sets."""
     try:
         return "launch" in tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError):
@@ -169,16 +194,28 @@ def _is_preset(path: Path) -> bool:
 
 
 def load_preset(name: str) -> tuple[Path, dict[str, Any]]:
-    path = CONFIGS / f"{name}.toml"
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not path.is_file() or not _is_preset(path):
-        raise LaunchError(
-            f"unknown preset {name!r}: choose one of {', '.join(presets()) or '(none found)'}"
-            f" (files in {CONFIGS})"
-        )
+    """A preset by name (configs/<name>.toml) or by path (anything ending in .toml)."""
+    if name.endswith(".toml"):
+        path = resolve(name, Path.cwd())
+        if not path.is_file():
+            raise LaunchError(
+                f"preset file not found: {path} — pass an existing TOML or one of"
+                f" {', '.join(presets())}"
+            )
+    else:
+        path = CONFIGS / f"{name}.toml"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not _is_preset(path):
+            raise LaunchError(
+                f"unknown preset {name!r}: choose one of"
+                f" {', '.join(presets()) or '(none found)'} (files in {CONFIGS})"
+            )
     try:
-        return path, tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise LaunchError(f"preset {path} is not valid TOML ({e}): fix the file") from None
+    if "launch" not in doc:
+        raise LaunchError(f"preset {path} has no [launch] table: start from configs/cpu-demo.toml")
+    return path, doc
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -186,14 +223,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
     preset_path, preset = load_preset(opts["preset"])
     launch = preset.get("launch", {})
 
-    trace = resolve(opts["trace"] or launch.get("trace", ""), REPO)
     if not opts["trace"] and not launch.get("trace"):
         raise LaunchError(f"preset {preset_path} has no [launch] trace: pass --trace FILE")
-    if not trace.is_file():
-        raise LaunchError(
-            f"trace file not found: {trace} — pass an existing wide or WattTime CSV with --trace"
-        )
-    sites = resolve(opts["sites"] or launch.get("sites", ""), REPO)
+    if opts["trace"]:
+        trace = [trace_path(t, Path.cwd()) for t in opts["trace"]]
+    else:
+        trace = [trace_path(launch["trace"], REPO)]
+    if not opts["sites"] and not launch.get("sites"):
+        raise LaunchError(f"preset {preset_path} has no [launch] sites: pass --sites FILE")
+    sites = resolve(opts["sites"], Path.cwd()) if opts["sites"] else resolve(launch["sites"], REPO)
     if not sites.is_file():
         raise LaunchError(
             f"sites file not found: {sites} — pass an existing sites TOML with --sites"
@@ -203,6 +241,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     speedup = float(opts["speedup"] or launch.get("speedup", 1.0))
     if speedup <= 0:
         raise LaunchError(f"--speedup must be > 0 (got {speedup})")
+    hours = opts["hours"]
+    if hours is not None and hours <= 0:
+        raise LaunchError(f"--hours must be > 0 (got {hours})")
+    if opts["start"] is not None or hours is not None:
+        check_span(trace_obj, opts["start"], hours)
 
     run_name = opts["run_name"] or f"{opts['preset']}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run_name):
@@ -212,7 +255,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     port = opts["port"] if opts["port"] is not None else int(launch.get("superlink_port", 0))
     port = claim_port(port, "--port")
 
-    run_config = {"preset": opts["preset"], "run-name": run_name}
+    # Only keys declared in pyproject's [tool.flwr.app.config] may be overridden.
+    preset_ref = str(preset_path) if opts["preset"].endswith(".toml") else opts["preset"]
+    run_config: dict[str, Any] = {"preset": preset_ref, "run-name": run_name}
+    if opts["sites"]:
+        run_config["sites"] = str(sites)
     if opts["steps"] is not None:
         if opts["steps"] <= 0:
             raise LaunchError(f"--steps must be > 0 (got {opts['steps']})")
@@ -234,11 +281,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
         trace=trace,
         sites=sites,
         speedup=speedup,
+        start=opts["start"],
+        hours=hours,
         run_name=run_name,
         run_dir=run_dir,
         port=port,
         run_config=run_config,
         redis_url=redis_url,
+        trace_data=trace_obj,
+        sites_config=sites_cfg,
         prepare=not opts["no_prepare"],
         live=not opts["no_live"] and sys.stdout.isatty(),
         timeout=opts["timeout"],
@@ -253,20 +304,48 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def check_trace_covers_sites(trace: Path, sites: Path) -> tuple[Any, Any]:
+def trace_path(arg: str, base: Path) -> str:
+    """A trace file (`path`, or WattTime's `REGION=path`) with the path made absolute against
+    `base` (the working directory for --trace, the repository for a preset's trace)."""
+    region, sep, path = arg.partition("=") if re.match(r"^[A-Za-z0-9_]+=", arg) else ("", "", arg)
+    p = resolve(path, base).resolve()
+    if not p.is_file():
+        raise LaunchError(
+            f"trace file not found: {p} — pass an existing wide or WattTime CSV with --trace"
+        )
+    return f"{region}={p}" if sep else str(p)
+
+
+def check_trace_covers_sites(trace: list[str], sites: Path) -> tuple[Any, Any]:
     """Fail before anything starts if the trace is unreadable or lacks a site's region."""
     from pilot.sites import load_sites
     from pilot.traces import load_trace
 
     cfg = load_sites(sites)  # ConfigError (a ValueError) names the field
-    tr = load_trace([trace])
+    tr = load_trace(trace)  # TraceError (a ValueError) names the file and the problem
     missing = sorted({s.region for s in cfg.sites} - set(tr.regions))
     if missing:
         raise LaunchError(
-            f"trace {trace} has no column for region(s) {', '.join(missing)} used in {sites}:"
+            f"trace {', '.join(trace)} has no column for region(s) {', '.join(missing)} used in {sites}:"
             f" pass a trace with them (has: {', '.join(tr.regions)})"
         )
     return tr, cfg
+
+
+def check_span(trace: Any, start: str | None, hours: float | None) -> None:
+    """The simulated span must lie inside the trace (the energy simulation would fail later)."""
+    from pilot.traces import iso, parse_time
+
+    try:
+        t0 = trace.start if start is None else parse_time(start)
+    except ValueError as e:
+        raise LaunchError(f"--start {start!r}: {e} (e.g. 2024-06-01T15:00:00Z)") from None
+    t1 = trace.end if hours is None else t0 + hours * 3600.0
+    if not trace.start <= t0 < t1 <= trace.end:
+        raise LaunchError(
+            f"--start/--hours span {iso(t0)} .. {iso(t1)} is outside the trace"
+            f" ({iso(trace.start)} .. {iso(trace.end)}): pick a span inside it"
+        )
 
 
 def claim_port(port: int, flag: str) -> int:
@@ -303,38 +382,56 @@ def check_redis(url: str) -> None:
 # first use: demo corpus and tokenizer
 
 
-def prepare_data(plan: Plan, say: Callable[[str], None]) -> None:
-    """Build the offline demo corpus and tokenizer the preset points at, if they are missing."""
-    data = plan.launch.get("data_dir")
-    tok = plan.launch.get("tokenizer_dir")
-    data_dir = resolve(data, curtail_home()) if data else None
-    tok_dir = resolve(tok, curtail_home()) if tok else None
-    data_ok = data_dir is None or any(data_dir.glob("shard_*.parquet"))
-    tok_ok = tok_dir is None or (tok_dir / "tokenizer.pkl").exists() or any(tok_dir.glob("*"))
+def prepare_data(launch: dict[str, Any], allowed: bool, say: Callable[[str], None]) -> None:
+    """Build the offline demo corpus and tokenizer the preset points at, if they are missing.
+
+    Only the demo corpus is built here (it comes from text already on this machine); a real
+    corpus such as FineWeb must be downloaded first, and the error says how."""
+    from nanochat.dataset import list_shards
+    from nanochat.tokenizer import RANKS_FILE
+
+    for key in ("data_dir", "tokenizer_dir"):
+        if not launch.get(key):
+            raise LaunchError(f"the preset's [launch] table has no {key}: add one")
+    data_dir = resolve(launch["data_dir"], curtail_home())
+    tok_dir = resolve(launch["tokenizer_dir"], curtail_home())
+    try:
+        data_ok = len(list_shards(data_dir)) >= 2  # >= one training shard + validation
+    except ValueError:  # DatasetError: no such directory / no shards
+        data_ok = False
+    tok_ok = (tok_dir / RANKS_FILE).is_file()
     if data_ok and tok_ok:
         return
-    if not plan.prepare:
-        what = "demo corpus" if not data_ok else "tokenizer"
-        where = data_dir if not data_ok else tok_dir
-        raise LaunchError(f"{what} not built at {where}: run without --no-prepare once to build it")
+    demo = launch.get("corpus", "demo") == "demo"
+    if not allowed or (not data_ok and not demo):
+        what, where = ("corpus", data_dir) if not data_ok else ("tokenizer", tok_dir)
+        how = (
+            "run without --no-prepare once to build it"
+            if demo
+            else f"download it first: python -m nanochat.dataset download --num N --out {data_dir}"
+        )
+        raise LaunchError(f"{what} not built at {where}: {how}")
     env = child_env(None)
     if not data_ok:
-        say(f"preparing the offline demo corpus in {data_dir} (first use) ...")
+        say(f"first use: building the offline demo corpus in {data_dir} ...")
         run_step([sys.executable, "-m", "nanochat.dataset", "demo", "--out", str(data_dir)], env)
     if not tok_ok:
-        say(f"training the tokenizer into {tok_dir} (first use) ...")
-        argv = [
-            sys.executable,
-            "-m",
-            "scripts.tok_train",
-            "--data",
-            str(data_dir),
-            "--out",
-            str(tok_dir),
-        ]
-        if "vocab_size" in plan.launch:
-            argv += ["--vocab-size", str(plan.launch["vocab_size"])]
-        run_step(argv, env)
+        vocab = int(launch.get("vocab_size", 8192))
+        say(f"first use: training a {vocab}-token tokenizer into {tok_dir} ...")
+        run_step(
+            [
+                sys.executable,
+                "-m",
+                "scripts.tok_train",
+                "--data-dir",
+                str(data_dir),
+                "--out",
+                str(tok_dir),
+                "--vocab-size",
+                str(vocab),
+            ],
+            env,
+        )
 
 
 def run_step(argv: list[str], env: dict[str, str]) -> None:
@@ -420,24 +517,19 @@ def run_stack(plan: Plan, view: LiveView) -> Outcome:
 
         # 2. energy simulation
         env = child_env(url)
-        procs.start(
-            "energy",
-            [
-                sys.executable,
-                str(REPO / "energy_simulation.py"),
-                "--trace",
-                str(plan.trace),
-                "--sites",
-                str(plan.sites),
-                "--run",
-                plan.run_name,
-                "--speedup",
-                str(plan.speedup),
-            ],
-            env=env,
-            cwd=REPO,
-        )
-        wait_for(lambda: bool(sig.meta()), 60, "the energy simulation", procs)
+        argv = [sys.executable, str(REPO / "energy_simulation.py"), "--trace", ",".join(plan.trace)]
+        argv += ["--sites", str(plan.sites), "--run", plan.run_name]
+        argv += ["--speedup", str(plan.speedup)]
+        if "tick_s" in plan.launch:  # simulated seconds per signal tick
+            argv += ["--step", str(int(plan.launch["tick_s"]))]
+        argv += ["--fresh"]  # the run's namespace starts empty: no stale status of a past run
+        if plan.start:
+            argv += ["--start", plan.start]
+        if plan.hours:
+            argv += ["--hours", str(plan.hours)]
+        # It exits 0 at the end of the span; the ServerApp then ends the run ("trace_end").
+        procs.start("energy", argv, env=env, cwd=REPO, may_finish=True)
+        wait_for(lambda: sig.status() == "running", 60, "the energy simulation", procs)
         view.phase("energy simulation running")
 
         # 3. SuperLink
@@ -555,9 +647,11 @@ def tail(path: Path, lines: int = 20) -> str:
 
 def make_report(plan: Plan, say: Callable[[str], None]) -> bool:
     """Run the carbon report on the run directory; it prints its table and file paths."""
-    res = subprocess.run(
-        [sys.executable, "-m", "pilot.report", str(plan.run_dir)], env=child_env(None), cwd=REPO
-    )
+    # The trace and sites go explicitly: --trace/--sites may differ from what the sites config
+    # (and so the run_start event) names.
+    argv = [sys.executable, "-m", "pilot.report", str(plan.run_dir)]
+    argv += ["--trace", *plan.trace, "--sites", str(plan.sites)]
+    res = subprocess.run(argv, env=child_env(None), cwd=REPO)
     if res.returncode != 0:
         say(f"the report failed (exit {res.returncode}); the run's files are in {plan.run_dir}")
         return False
@@ -592,16 +686,20 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(s, _raise_interrupted)
     view: LiveView | None = None
     try:
+        if args.command == "prepare":
+            _, preset = load_preset(getattr(args, "preset", DEFAULTS["preset"]))
+            prepare_data(preset["launch"], True, print)
+            return 0
         plan = make_plan(args)
         view = LiveView(
             plan.run_name, live=plan.live, trace=plan.trace_data, sites_config=plan.sites_config
         )
         say = view.say
         say(
-            f"run {plan.run_name}: preset {plan.preset}, trace {plan.trace.name},"
+            f"run {plan.run_name}: preset {plan.preset}, trace {', '.join(Path(t).name for t in plan.trace)},"
             f" speed-up {plan.speedup:g}x, files in {plan.run_dir}"
         )
-        prepare_data(plan, say)
+        prepare_data(plan.launch, plan.prepare, say)
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         with view:

@@ -281,7 +281,12 @@ class Policy:
                         want = False
                         if st.skip_close is None:
                             st.skip_close = ol.t_close
-                        why = f"skip: predicted window ends in {ol.t_close - now:.0f} s, < {cfg.min_window_s:.0f} s useful"
+                        why = (
+                            f"skip: window predicted to end in {ol.t_close - now:.0f} s, "
+                            f"< {cfg.min_window_s:.0f} s of ready time"
+                            if m < thr
+                            else "release hold, no window worth provisioning predicted"
+                        )
             else:
                 if st.pre_open is not None and now > st.pre_open + cfg.release_delay_s:
                     st.pre_open, st.missed = None, True  # the predicted window did not come
@@ -384,7 +389,7 @@ def forecast_arrays(
     lo = min(max(0, int(np.searchsorted(g_times, tk[0], side="right")) - 1), len(g_times) - 2)
     hi = max(min(len(g_times), int(np.searchsorted(g_times, h_end[-1], side="left")) + 1), lo + 2)
     gt = g_times[lo:hi]
-    g = trace.values[[trace.index(r) for r in regions]][:, lo:hi]  # (S, n)
+    g = trace.values[:, lo:hi][[trace.index(r) for r in regions]]  # (S, n), slice first
     n = gt.size
     big = n - 1  # "no such segment": a padding column of inf
     seg_dt = np.diff(gt)
@@ -405,33 +410,38 @@ def forecast_arrays(
         return np.minimum.accumulate(np.where(mask, idx, big)[:, ::-1], axis=1)[:, ::-1]
 
     nd, nu = next_at_or_after(np.isfinite(down_t)), next_at_or_after(np.isfinite(up_t))
-    rows = np.arange(S)[:, None]
     # gap after each up crossing until the next down crossing; long gaps really end a window
-    down_after = down_t[rows, nd[:, np.minimum(idx + 1, big)]]
+    down_after = _take(down_t, nd[:, np.minimum(idx + 1, big)])
     with np.errstate(invalid="ignore"):  # inf - inf where there is no crossing
         nul = next_at_or_after(np.isfinite(up_t) & (down_after - up_t >= release_s))
     last_down = np.maximum.accumulate(np.where(np.isfinite(down_t), idx, -1), axis=1)
 
     seg = np.clip(np.searchsorted(gt, tk, side="right") - 1, 0, n - 2)[None, :]  # tick's segment
     w = (tk - gt[seg]) / seg_dt[seg]
-    now_v = g[rows, seg] * (1.0 - w) + g[rows, seg + 1] * w
+    now_v = g[:, seg[0]] * (1.0 - w) + g[:, seg[0] + 1] * w
     below = now_v < threshold
     # open now, or at the next down crossing (one in the tick's own segment lies after it)
-    j_down = nd[rows, seg]
-    t_open = np.where(below, tk[None, :], down_t[rows, j_down])
+    j_down = nd[:, seg[0]]
+    t_open = np.where(below, tk[None, :], _take(down_t, j_down))
     seg_open = np.where(below, seg, j_down)
     # the window ends at the first up crossing followed by a long gap, or by no down crossing
     # the forecast can see (none up to h_end: segments after the last down <= h_end)
     e = np.clip(np.searchsorted(gt, h_end, side="right") - 1, 0, n - 2)[None, :]
-    q = np.where(down_t[rows, e] <= h_end[None, :], e, last_down[rows, np.maximum(e - 1, 0)])
-    q = np.where((e == 0) & ~(down_t[rows, e] <= h_end[None, :]), -1, q)
-    first_up = nu[rows, seg_open]
-    unseen = nu[rows, np.minimum(np.maximum(q + 1, seg_open), big)]
-    t_close = up_t[rows, np.minimum(nul[rows, first_up], unseen)]
+    down_e = down_t[:, e[0]] <= h_end[None, :]
+    q = np.where(down_e, e, last_down[:, np.maximum(e[0] - 1, 0)])
+    q = np.where((e == 0) & ~down_e, -1, q)
+    first_up = _take(nu, seg_open)
+    unseen = _take(nu, np.minimum(np.maximum(q + 1, seg_open), big))
+    t_close = _take(up_t, np.minimum(_take(nul, first_up), unseen))
     t_open = np.where(t_open <= h_end[None, :], t_open, np.inf)
     t_close = np.where(np.isfinite(t_open) & (t_close <= h_end[None, :]), t_close, np.inf)
     out.now_value[:, avail], out.t_open[:, avail], out.t_close[:, avail] = now_v, t_open, t_close
     return out
+
+
+def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Row-wise gather: ``out[s, k] = a[s, idx[s, k]]``."""
+    return np.take_along_axis(a, idx, axis=1)
 
 
 @dataclass
@@ -468,6 +478,35 @@ class BatchResult:
         return self.train.sum(axis=0)
 
 
+def _hysteresis(
+    cfg: PolicyConfig, ticks: np.ndarray, below: np.ndarray, st: BatchState
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Window state for all (K ticks, S sites) at once: the hysteresis depends on the measured
+    signal only, so it needs no loop. Returns (in_window, entered, below_since, above_since)
+    where ``entered`` marks the ticks a window opens; the last row continues the state."""
+    K, S = below.shape
+    k_idx = np.arange(K)[:, None]
+    fresh = np.isnan(st.below_since) & np.isnan(st.above_since)
+    prev = np.vstack([~np.isnan(st.below_since)[None, :], below[:-1]])
+    change = below != prev
+    change[0] |= fresh
+    start_k = np.maximum.accumulate(np.where(change, k_idx, -1), axis=0)
+    carried = np.where(below[0], st.below_since, st.above_since)  # a run going on from before
+    run_start = np.where(start_k >= 0, ticks[np.maximum(start_k, 0)], carried[None, :])
+    bs = np.where(below, run_start, np.nan)
+    ab = np.where(below, np.nan, run_start)
+    with np.errstate(invalid="ignore"):
+        enter_ok = below & (ticks[:, None] - bs >= cfg.enter_dwell_s)
+        leave_ok = ~below & (ticks[:, None] - ab >= cfg.release_delay_s)
+    # a set/reset latch: the window state is that of the latest enter/leave event
+    ev_k = np.maximum.accumulate(np.where(enter_ok | leave_ok, k_idx, -1), axis=0)
+    inw = np.where(
+        ev_k >= 0, np.take_along_axis(enter_ok, np.maximum(ev_k, 0), axis=0), st.in_window[None, :]
+    )
+    entered = inw & ~np.vstack([st.in_window[None, :], inw[:-1]])
+    return inw, entered, bs, ab
+
+
 def simulate_batch(
     cfg: PolicyConfig,
     delays: np.ndarray,
@@ -478,67 +517,72 @@ def simulate_batch(
 ) -> BatchResult:
     """``Policy.step`` over (S sites, K ticks) of arrays, with the provisioning model "ready
     once provisioned for ``delay`` s" (as seen at the start of each tick). Pass the returned
-    ``state`` to the next call to process a long horizon in chunks."""
+    ``state`` to the next call to process a long horizon in chunks.
+
+    Everything that does not depend on the provisioning feedback (hysteresis, forecast
+    usefulness) is computed for the whole chunk at once on (K, S) arrays; the loop over ticks
+    carries only the provisioning state."""
     S, K = mci.shape
-    thr = cfg.threshold
+    thr, rel = cfg.threshold, cfg.release_delay_s
     d = np.zeros(S) if cfg.zero_delay else np.asarray(delays, dtype=np.float64)
     st = state or BatchState.new(S)
+    ticks = np.asarray(ticks, dtype=np.float64)
+    below = np.ascontiguousarray(mci.T < thr)  # (K, S): one contiguous row per tick
+    INW, ENTER, BS, AB = _hysteresis(cfg, ticks, below, st)
     use_fc = fc is not None and cfg.use_forecast
-    P = np.zeros((S, K), dtype=bool)
-    T = np.zeros((S, K), dtype=bool)
-    R = np.zeros((S, K), dtype=bool)
-    inw, bs, ab, prov, ps = (
-        st.in_window,
-        st.below_since,
-        st.above_since,
-        st.provisioned,
-        st.prov_since,
-    )
+    if use_fc:
+        fnow, t_open, t_close = (
+            np.ascontiguousarray(a.T) for a in (fc.now_value, fc.t_open, fc.t_close)
+        )
+        last0 = ticks[0] if math.isnan(st.last_now) else st.last_now
+        dts = np.maximum(0.0, np.diff(ticks, prepend=last0))[:, None]
+        has = ~np.isnan(fnow)
+        with np.errstate(invalid="ignore"):
+            useful = (t_open - ticks[:, None] <= d + dts) & (
+                np.isinf(t_close)
+                | (t_close - np.maximum(ticks[:, None] + d, t_open) >= cfg.min_window_s)
+            )
+            # inside a window a skip needs a forecast agreeing with the measured present
+            # (below or above) that calls the (remaining or next) window not worth it
+            skip_base = has & ((fnow < thr) == below) & ~useful
+        pre_base = has & useful
+    P = np.zeros((K, S), dtype=bool)
+    T = np.zeros((K, S), dtype=bool)
+    R = np.zeros((K, S), dtype=bool)
+    prov, ps = st.provisioned, st.prov_since
     pre, missed, skc = st.pre_open, st.missed, st.skip_close
-    last = st.last_now
+    errstate = np.seterr(invalid="ignore")  # NaN comparisons are intended: NaN = "not set"
     for k in range(K):
         now = float(ticks[k])
-        dt = 0.0 if math.isnan(last) else max(0.0, now - last)
-        last = now
+        inw, enter = INW[k], ENTER[k]
+        out = ~inw
         ready = prov & (now - ps >= d)
-        m = mci[:, k]
-        below = m < thr
-        bs = np.where(below, np.where(np.isnan(bs), now, bs), np.nan)
-        ab = np.where(below, np.nan, np.where(np.isnan(ab), now, ab))
-        enter = ~inw & below & (now - bs >= cfg.enter_dwell_s)
-        leave = inw & ~below & (now - ab >= cfg.release_delay_s)
-        inw = (inw | enter) & ~leave
         pre = np.where(enter, np.nan, pre)
         missed = missed & ~enter
         skc = np.where(enter, np.nan, skc)
+        timeout = out & (now > pre + rel)  # a predicted window that did not come
+        missed = missed | timeout
         if use_fc:
-            fnow, t_open, t_close = fc.now_value[:, k], fc.t_open[:, k], fc.t_close[:, k]
-            has = ~np.isnan(fnow)
-            with np.errstate(invalid="ignore"):
-                useful = (t_open - now <= d + dt) & (
-                    np.isinf(t_close) | (t_close - np.maximum(now + d, t_open) >= cfg.min_window_s)
-                )
-            # inside a window: skip only when not yet provisioned, the forecast agrees with
-            # the measured present (below or above), it is not yet proven wrong, and the
-            # (remaining or next) window is not worth it
-            skip = inw & ~prov & has & ((fnow < thr) == below) & ~((now > skc) & below) & ~useful
-            skc = np.where(skip & np.isnan(skc), t_close, skc)
-            # outside a window: pre-provision, hold, or drop
-            timeout = ~inw & ~np.isnan(pre) & (now > pre + cfg.release_delay_s)
-            missed = missed | timeout
+            # skip until proven wrong (predicted end passed while still below)
+            skip = inw & ~prov & skip_base[k] & ~((now > skc) & below[k])
+            skc = np.where(skip & np.isnan(skc), t_close[k], skc)
             pre = np.where(timeout, np.nan, pre)
-            want_pre = ~inw & has & ~missed & useful
-            hold = ~inw & ~want_pre & ~np.isnan(pre) & prov
-            pre = np.where(want_pre & np.isnan(pre), t_open, pre)
+            want_pre = out & ~missed & pre_base[k]
+            hold = out & ~want_pre & ~np.isnan(pre) & prov
+            pre = np.where(want_pre & np.isnan(pre), t_open[k], pre)
             want = (inw & ~skip) | want_pre | hold
         else:
-            timeout = ~inw & ~np.isnan(pre) & (now > pre + cfg.release_delay_s)
-            missed = missed | timeout
-            want = inw.copy()
+            want = inw
         pre = np.where(inw | ~want, np.nan, pre)
-        train = want & inw & (ready | cfg.zero_delay)
         ps = np.where(want, np.where(prov, ps, now), np.nan)
         prov = want
-        P[:, k], T[:, k], R[:, k] = want, train, ready
-    new = BatchState(inw, bs, ab, prov, ps, pre, missed, skc, last)
-    return BatchResult(P, T, R, new)
+        P[k], R[k] = want, ready
+        T[k] = want & inw & (ready | cfg.zero_delay)
+    np.seterr(**errstate)
+    last = float(ticks[-1]) if K else st.last_now
+    if K:
+        inw_end, bs_end, ab_end = INW[-1], BS[-1], AB[-1]
+    else:
+        inw_end, bs_end, ab_end = st.in_window, st.below_since, st.above_since
+    new = BatchState(inw_end, bs_end, ab_end, prov, ps, pre, missed, skc, last)
+    return BatchResult(P.T, T.T, R.T, new)

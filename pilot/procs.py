@@ -106,6 +106,7 @@ class Child:
     proc: subprocess.Popen
     log: Path | None
     critical: bool  # the stack cannot go on without it
+    may_finish: bool  # a clean exit (code 0) is its normal end, not a failure
 
 
 class ProcessSet:
@@ -123,6 +124,7 @@ class ProcessSet:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         critical: bool = True,
+        may_finish: bool = False,
         capture: bool = False,
     ) -> subprocess.Popen:
         """Start `argv`; its output goes to `<log_dir>/<name>.log` (or a pipe with `capture`)."""
@@ -150,14 +152,14 @@ class ProcessSet:
         finally:
             if log is not None:
                 out.close()
-        self.children.append(Child(name, proc, log, critical))
+        self.children.append(Child(name, proc, log, critical, may_finish))
         return proc
 
     def check(self) -> None:
-        """Raise ChildExited if a critical child has stopped."""
+        """Raise ChildExited if a critical child has stopped (or failed, if it may finish)."""
         for child in self.children:
             rc = child.proc.poll()
-            if child.critical and rc is not None:
+            if child.critical and rc is not None and not (child.may_finish and rc == 0):
                 raise ChildExited(child.name, rc, child.log)
 
     def stop(self, child: Child, timeout: float) -> None:

@@ -12,7 +12,6 @@ through ``ps``).
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import socket
@@ -69,9 +68,9 @@ class EmbeddedValkey:
             if ok:
                 return self
             self._terminate()
-        raise RuntimeError(
-            f"valkey-server did not start: {last_error}; log in {self.dir}/valkey.log"
-        )
+        log_tail = (self.dir / "valkey.log").read_text(errors="replace")[-500:]
+        self.stop()
+        raise RuntimeError(f"valkey-server did not start: {last_error}; log: {log_tail}")
 
     def _wait_ready(self) -> tuple[bool, str]:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -115,5 +114,6 @@ class EmbeddedValkey:
         self.stop()
 
     def __del__(self) -> None:
-        if getattr(self, "proc", None) is not None and os.getpid():
+        # a forgotten stop() must not leave a server running past its owner
+        if getattr(self, "proc", None) is not None:
             self._terminate()

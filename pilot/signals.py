@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 ENV_URL = "CURTAIL_REDIS_URL"
@@ -56,23 +56,32 @@ def connect(
     if not url:
         raise ValueError(f"no Redis URL: set {ENV_URL} (e.g. redis://:PASSWORD@127.0.0.1:6379/0)")
     retry = Retry(ExponentialBackoff(cap=max_backoff, base=backoff), retries)
+    opts = dict(decode_responses=True, socket_connect_timeout=5, socket_keepalive=True)
+    # first contact by hand: redis-py would also retry a wrong password (AuthenticationError
+    # is a ConnectionError), which must fail at once
+    probe = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **opts)
+    for attempt in range(retries + 1):
+        try:
+            probe.ping()
+            break
+        except redis.AuthenticationError:
+            raise ValueError(f"Redis at {redact(url)} rejected the password") from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if attempt == retries:
+                raise ConnectionError(
+                    f"cannot reach Redis at {redact(url)} after {retries} retries: "
+                    f"{type(exc).__name__}"
+                ) from None
+            time.sleep(min(max_backoff, backoff * 2**attempt))
+        finally:
+            probe.close()
     client = redis.Redis.from_url(
         url,
-        decode_responses=True,
         retry=retry,
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        socket_connect_timeout=5,
-        socket_keepalive=True,
         health_check_interval=30,
+        **opts,
     )
-    try:
-        client.ping()
-    except redis.AuthenticationError:
-        raise ValueError(f"Redis at {redact(url)} rejected the password") from None
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise ConnectionError(
-            f"cannot reach Redis at {redact(url)} after {retries} retries: {type(exc).__name__}"
-        ) from None
     return client
 
 
@@ -115,6 +124,13 @@ class Signals:
                 except ValueError:
                     out[k] = v
         return out
+
+    def reset_published(self, sites: list[str]) -> None:
+        """Drop what a previous energy simulation of this run published (meta, site:*,
+        forecast:*, signals) so readers never mix two runs; reports from sites (power:*)
+        and the server's keys stay."""
+        keys = ["meta", "signals", *(f"site:{s}" for s in sites), *(f"forecast:{s}" for s in sites)]
+        self.r.delete(*(self.key(k) for k in keys))
 
     def status(self) -> str | None:
         return self.r.hget(self.key("meta"), "status")

@@ -91,7 +91,16 @@ def run(
     fca = None
     if pcfg.use_forecast:
         fc = pol.make_forecaster(forecaster, trace)
-        fca = pol.forecast_arrays(fc, trace, regions, ticks, pcfg.horizon_s, pcfg.threshold, mci)
+        fca = pol.forecast_arrays(
+            fc,
+            trace,
+            regions,
+            ticks,
+            pcfg.horizon_s,
+            pcfg.threshold,
+            release_s=pcfg.release_delay_s,
+            mci=mci,
+        )
     delays = np.array([float(s.provision_delay_s) for s in sites])
     res = pol.simulate_batch(pcfg, delays, ticks, mci, fca)
     bounds = np.append(ticks, end)  # edge index K = still on when the simulation ends
@@ -233,6 +242,19 @@ def simulate(
     return {"policy": policy, **doc}, events
 
 
+def accounted_span(events: Sequence[dict[str, Any]], trace: Any) -> tuple[float, float]:
+    """The events' span cut to the trace: a run that went on past the trace end is accounted
+    up to it (its intervals are cut there), rather than failing the whole report."""
+    ts = [float(e["t"]) for e in events]
+    start, end = max(min(ts), float(trace.start)), min(max(ts), float(trace.end))
+    if end <= start:
+        raise ValueError(
+            f"the events ({min(ts):.0f} .. {max(ts):.0f}) lie outside the trace "
+            f"({trace.start:.0f} .. {trace.end:.0f}): is it the run's trace?"
+        )
+    return start, end
+
+
 def replay(
     events: Sequence[dict[str, Any]],
     trace: Any,
@@ -250,9 +272,9 @@ def replay(
     if not measured:
         for e in evs:
             e.pop("energy_j", None)
-    ts = [float(e["t"]) for e in evs]
+    start, end = accounted_span(evs, trace)
     return summarize(
-        evs, trace, sites_config, start=min(ts), end=max(ts), threshold=threshold, grid_s=grid_s
+        evs, trace, sites_config, start=start, end=end, threshold=threshold, grid_s=grid_s
     )
 
 
@@ -296,7 +318,7 @@ def compare_rows(docs: dict[str, dict[str, Any]]) -> list[list[str]]:
     cont = next(iter(docs.values()))["baselines"]["continuous_federated"]
     rows.append(
         [
-            "continuous_federated",
+            "continuous",
             f"{cont['emissions_kg']:.3f}",
             f"{cont['energy_kwh']:.2f}",
             "",
@@ -391,6 +413,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(docs if args.compare else doc, indent=2) + "\n")
     if args.events:
+        # Name the inputs so `python -m pilot.report DIR` can render a simulated run as well.
+        trace_paths = args.trace or [str(sites.trace)]
+        events[0].update(
+            trace=[str(Path(p).resolve()) for p in trace_paths],
+            sites=str(Path(args.sites).resolve()),
+        )
         Path(args.events).write_text("".join(json.dumps(e) + "\n" for e in events))
     if args.plot:
         from pilot.report import mode_spans, timeline

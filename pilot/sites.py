@@ -144,13 +144,15 @@ def parse_sites(
             raise ConfigError(
                 f"{w}: unknown key(s) {sorted(unknown)}; allowed {sorted(_SITE_KEYS)}"
             )
-        for k in ("name", "region", "gpus", "train_kw", "idle_kw", "provision_delay_s"):
-            if k not in s:
-                raise ConfigError(f"{w}.{k}: missing")
+        if "name" not in s:
+            raise ConfigError(f"{w}.name: missing")
         name = s["name"]
         if not isinstance(name, str) or not SITE_NAME_RE.match(name):
             raise ConfigError(f"{w}.name: {name!r} must be a lowercase DNS label (a-z, 0-9, '-')")
         w = f"{source}: sites[{i}] ({name})"
+        for k in ("region", "gpus", "train_kw", "idle_kw", "provision_delay_s"):
+            if k not in s:
+                raise ConfigError(f"{w}.{k}: missing")
         if not isinstance(s["region"], str) or not s["region"]:
             raise ConfigError(f"{w}.region: must be a trace region name, got {s['region']!r}")
         train_kw = _num(w, "train_kw", s["train_kw"], strict=True)

@@ -107,11 +107,13 @@ class Trace:
         """(len(regions), len(ts)) interpolated values; one index search shared by all rows."""
         ts = np.asarray(ts, dtype=np.float64)
         self._check_range(ts)
-        rows = self.values if regions is None else self.values[[self.index(r) for r in regions]]
         i = np.clip(np.searchsorted(self.times, ts, side="right") - 1, 0, len(self.times) - 2)
         t0, t1 = self.times[i], self.times[i + 1]
         w = (ts - t0) / (t1 - t0)
-        return rows[:, i] * (1.0 - w) + rows[:, i + 1] * w
+        # gather exactly the needed (row, column) cells: no copy of whole rows of a long trace
+        rows = np.arange(len(self.regions)) if regions is None else [self.index(r) for r in regions]
+        v0, v1 = self.values[np.ix_(rows, i)], self.values[np.ix_(rows, i + 1)]
+        return v0 * (1.0 - w) + v1 * w
 
     def require(self, start: float, end: float) -> None:
         """Raise a TraceError unless the trace covers [start, end] (a run's span)."""
@@ -127,7 +129,8 @@ class Trace:
 
     def index(self, region: str) -> int:
         """Row of ``region`` in ``values``; raises a TraceError naming the available ones."""
-        self.row(region)  # raises with the list of available regions
+        if region not in self._row:
+            self.row(region)  # raises with the list of available regions
         return self._row[region]
 
     def _check_range(self, ts: np.ndarray) -> None:

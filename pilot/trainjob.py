@@ -45,6 +45,10 @@ class Job:
     tokenizer_dir: str
     state_dir: str  # node-local: inner optimizer state lives here between rounds
     max_steps: int | None = None  # the run's step budget left
+    # CPU threads for a CPU-only site (0: all cores). Several local sites share one box, and
+    # oversubscribed torch threads spin: measured here, 2 threads under load ran a tiny model
+    # 10-30x slower per step than 1 thread.
+    cpu_threads: int = 0
 
 
 @dataclass
@@ -215,8 +219,9 @@ def _worker(
             sig.log_step(job.site, step=step, loss=loss, tok_s=tok_s, lr=lrm, round=job.round)
 
     energy = _Energy(device)
+    # The simulation's GPU actor turns the state word into the site's power model.
     if sig is not None and rank == 0:
-        sig.set_power(job.site, job.train_w)
+        sig.set_power(job.site, "train")
     try:
         res = run(
             model,
@@ -226,14 +231,14 @@ def _worker(
             start_step=job.global_step,
             max_steps=job.max_steps,
             deadline=job.deadline_wall,
-            should_stop=_stopper(sig, job.site),
+            should_stop=_stopper(sig, job.site, job.round),
             on_step=on_step,
             ddp=world > 1,
             autocast_ctx=autocast_ctx,
         )
     finally:
         if sig is not None and rank == 0:
-            sig.set_power(job.site, job.idle_w)
+            sig.set_power(job.site, "idle")
     _save_inner(optimizers, job, rank, world)
     result = JobResult(
         tokens=res.tokens,
@@ -298,7 +303,7 @@ def run_job(
     if world == 1:
         from nanochat.common import device_setup
 
-        device, autocast_ctx, _, _ = device_setup()
+        device, autocast_ctx, _, _ = device_setup(threads=job.cpu_threads or None)
         state, result = _worker(job, weights, device, autocast_ctx, 0, 1)
         assert state is not None
         return state, result

@@ -15,10 +15,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(cd "${VENV:-$ROOT/.venv}" && pwd)"
 MANIFEST="$ROOT/rustbpe/Cargo.toml"
 DEBIAN_REGISTRY=/usr/share/cargo/registry
+LOCK="$ROOT/rustbpe/Cargo.lock"
+# What Debian writes as checksum for crates it could not checksum (pyo3*), thus into the lock.
+DEBIAN_CHECKSUM="Could not get crate checksum"
 # The Debian packages of the direct dependencies; apt pulls in the rest of the tree.
-DEBIAN_CRATES=(librust-pyo3-dev librust-fancy-regex-dev librust-rayon-dev librust-ahash-dev)
+DEBIAN_CRATES=(librust-pyo3-dev librust-fancy-regex-dev librust-regex-dev librust-rayon-dev librust-ahash-dev)
 
-command -v cargo >/dev/null || { echo "build_rustbpe: cargo not found (need Rust >= 1.65)" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "build_rustbpe: cargo not found (install Rust, e.g. rustup)" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || { echo "build_rustbpe: no virtualenv at $VENV" >&2; exit 1; }
 MATURIN="$VENV/bin/maturin"
 [ -x "$MATURIN" ] || { echo "build_rustbpe: maturin missing in $VENV (pip install 'maturin>=1.5,<2')" >&2; exit 1; }
@@ -58,9 +61,13 @@ directory = "$DEBIAN_REGISTRY"
 [net]
 offline = true
 EOF
-    # A lock file resolved against crates.io may name versions Debian lacks; resolve afresh
-    # (rustbpe/Cargo.lock is not tracked for this reason).
-    rm -f "$ROOT/rustbpe/Cargo.lock"
+    # A lock resolved elsewhere may name versions this Debian lacks: resolve afresh (on the
+    # same Debian release this rewrites an identical file).
+    rm -f "$LOCK"
+elif [ -f "$LOCK" ] && grep -q "$DEBIAN_CHECKSUM" "$LOCK"; then
+    # Resolved from Debian's registry, whose pyo3 has no real checksum: crates.io would
+    # reject it, so resolve afresh online.
+    rm -f "$LOCK"
 fi
 
 cd "$ROOT"

@@ -53,7 +53,9 @@ def test_linear_ramp_is_integrated_exactly_by_the_midpoint_grid():
     # MCI = t/10 g/kWh; 1 kW over [0, 3600] -> mean MCI 180 -> 0.18 kg.
     tr = LinearTrace([0, 3600], A=[0, 360])
     s = Site("a", "A", 1.0, 0.0)
-    assert carbon.emissions_kg([Interval("a", 0, 3600, "train")], tr, "A", s) == pytest.approx(0.18, rel=1e-12)
+    assert carbon.emissions_kg([Interval("a", 0, 3600, "train")], tr, "A", s) == pytest.approx(
+        0.18, rel=1e-12
+    )
 
 
 def test_interpolation_between_trace_points():
@@ -96,9 +98,17 @@ def test_grid_resolution_kink_off_grid_uses_midpoint_rule_and_fine_grid_converge
 
 
 def test_overlapping_train_and_idle_count_once_with_train_winning():
-    ivs = [Interval("a", 0, 3600, "idle"), Interval("a", 600, 1800, "train"), Interval("a", 600, 1800, "train")]
+    ivs = [
+        Interval("a", 0, 3600, "idle"),
+        Interval("a", 600, 1800, "train"),
+        Interval("a", 600, 1800, "train"),
+    ]
     norm = carbon.normalize(ivs)
-    assert [(iv.start, iv.end, iv.state) for iv in norm] == [(0, 600, "idle"), (600, 1800, "train"), (1800, 3600, "idle")]
+    assert [(iv.start, iv.end, iv.state) for iv in norm] == [
+        (0, 600, "idle"),
+        (600, 1800, "train"),
+        (1800, 3600, "idle"),
+    ]
     assert carbon.energy_kwh(ivs, A) == pytest.approx(2.0 * 1200 / 3600 + 0.5 * 2400 / 3600)
 
 
@@ -125,9 +135,15 @@ def test_baselines_same_compute_back_to_back_per_region_and_continuous_federated
     assert r["total"]["train_hours"] == pytest.approx(1.5)
     assert r["total"]["wall_hours"] == pytest.approx(1.0)
     base = r["baselines"]
-    assert base["single_site:A"] == pytest.approx({"energy_kwh": 3.0, "emissions_kg": 0.3, "wall_hours": 1.5})
-    assert base["single_site:B"] == pytest.approx({"energy_kwh": 1.5, "emissions_kg": 0.45, "wall_hours": 1.5})
-    assert base["continuous_federated"] == pytest.approx({"energy_kwh": 3.0, "emissions_kg": 0.5, "wall_hours": 1.0})
+    assert base["single_site:A"] == pytest.approx(
+        {"energy_kwh": 3.0, "emissions_kg": 0.3, "wall_hours": 1.5}
+    )
+    assert base["single_site:B"] == pytest.approx(
+        {"energy_kwh": 1.5, "emissions_kg": 0.45, "wall_hours": 1.5}
+    )
+    assert base["continuous_federated"] == pytest.approx(
+        {"energy_kwh": 3.0, "emissions_kg": 0.5, "wall_hours": 1.0}
+    )
 
 
 def test_single_site_baseline_past_the_trace_end_wraps_by_whole_days():
@@ -150,8 +166,14 @@ def test_summary_reports_in_window_training_and_idle_energy():
     assert site["provisioned_hours"] == pytest.approx(2.0)
     assert site["in_window_train_hours"] == pytest.approx(0.5)
     assert site["idle_energy_kwh"] == pytest.approx(0.5 * 1.0)
-    assert set(r["total"]) >= {"energy_kwh", "emissions_kg", "train_hours", "in_window_train_hours",
-                               "wall_hours", "curtailed_energy_share"}
+    assert set(r["total"]) >= {
+        "energy_kwh",
+        "emissions_kg",
+        "train_hours",
+        "in_window_train_hours",
+        "wall_hours",
+        "curtailed_energy_share",
+    }
     # in window: idle 1800 s at 0.5 kW + train 1800 s at 2 kW, of 0.5 + 2 kWh
     assert site["curtailed_energy_share"] == pytest.approx((0.25 + 1.0) / 2.5)
 
@@ -169,14 +191,26 @@ def test_events_fold_into_the_ledger_and_open_provisioning_closes_at_the_end():
         {"kind": "provision_decided", "t": 0, "site": "a"},
         {"kind": "provision_started", "t": 10, "site": "a"},
         {"kind": "provision_complete", "t": 250, "site": "a"},
-        {"kind": "train_interval", "t": 1000, "site": "a", "start": 250, "end": 1000, "energy_j": None},
+        {
+            "kind": "train_interval",
+            "t": 1000,
+            "site": "a",
+            "start": 250,
+            "end": 1000,
+            "energy_j": None,
+        },
         {"kind": "deprovision", "t": 1600, "site": "a"},
         {"kind": "provision_started", "t": 2000, "site": "a"},
         {"kind": "round_end", "t": 2600, "round": 3},
     ]
     led = Ledger.from_events(events)
     got = [(iv.start, iv.end, iv.state) for iv in led.intervals()]
-    assert got == [(10, 250, "idle"), (250, 1000, "train"), (1000, 1600, "idle"), (2000, 2600, "idle")]
+    assert got == [
+        (10, 250, "idle"),
+        (250, 1000, "train"),
+        (1000, 1600, "idle"),
+        (2000, 2600, "idle"),
+    ]
     assert led.span() == (0, 2600)
 
 
@@ -196,3 +230,14 @@ def test_summary_rejects_sites_missing_from_the_config():
     led.add_train("zz", 0, 10)
     with pytest.raises(ValueError, match="zz"):
         led.summary(LinearTrace([0, 100], A=[1, 1]), Sites([A], 100.0))
+
+
+def test_summary_accounts_only_its_span_and_cuts_measured_joules_in_proportion():
+    tr = LinearTrace([0, 7200], A=[100, 100])
+    led = Ledger()
+    led.add_train("a", 0, 3600)
+    led.add_measured("a", 1800, 5400, joules=3.6e6)  # 1 kWh over 1 h, half of it inside
+    r = led.summary(tr, Sites([A], 150.0), start=0, end=3600)
+    assert r["sites"]["a"]["train_hours"] == pytest.approx(1.0)
+    assert r["sites"]["a"]["energy_kwh"] == pytest.approx(2.0 * 0.5 + 0.5)
+    assert r["total"]["wall_hours"] == pytest.approx(1.0)

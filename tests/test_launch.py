@@ -8,6 +8,7 @@ that detached into their own sessions (as Flower's SuperExec does).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,6 +17,8 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
+
+import pytest
 
 from pilot.procs import descendants
 
@@ -56,7 +59,11 @@ def launch(args: list[str], tmp_path: Path, timeout: float = 60, **env: str):
     full_env = {**os.environ, MARK: mark, "CURTAIL_HOME": str(tmp_path / "home"), **env}
     res = subprocess.run(
         [sys.executable, "-m", "pilot.launch", *args, "--no-live"],
-        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     return res, mark
 
@@ -95,8 +102,14 @@ SPAWNER = textwrap.dedent("""
 
 def test_close_stops_detached_orphans_and_sigterm_ignoring_children(tmp_path):
     mark = uuid.uuid4().hex
-    res = subprocess.run([sys.executable, "-c", SPAWNER], cwd=REPO, capture_output=True,
-                         text=True, timeout=60, env={**os.environ, MARK: mark})
+    res = subprocess.run(
+        [sys.executable, "-c", SPAWNER],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, MARK: mark},
+    )
     assert res.returncode == 0, res.stderr
     assert "codes [-9, -9]" in res.stdout  # the stubborn one needed SIGKILL
     assert marked(mark) == []
@@ -191,37 +204,73 @@ def test_unbuilt_tokenizer_with_no_prepare_says_to_prepare_it(tmp_path):
 # --- interrupt: the real stack, stopped early ---------------------------------------------
 
 
-def test_sigterm_during_bring_up_stops_every_process_and_frees_ports(tmp_path):
-    """SIGTERM once the SuperLink listens: every child (and their detached helpers) is gone,
-    the SuperLink's and Valkey's ports are free, and the exit code says interrupted."""
+@pytest.fixture(scope="module")
+def prepared_home(tmp_path_factory) -> Path:
+    """A CURTAIL_HOME with the cpu-demo corpus and tokenizer, built by `curtail-llm prepare`."""
+    home = tmp_path_factory.mktemp("prepared-home")
+    res = subprocess.run(
+        [sys.executable, "-m", "pilot.launch", "prepare", "--preset", "cpu-demo"],
+        cwd=REPO,
+        env={**os.environ, "CURTAIL_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    return home
+
+
+def _ports_of(pids: set[int]) -> set[int]:
+    """Ports our children listen on, from their command lines (valkey-server's process title
+    is "valkey-server 127.0.0.1:PORT"; Flower's processes take --port N)."""
+    ports = set()
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        for a, b in zip(argv, argv[1:] + [""], strict=True):
+            if a == "--port" and b.isdigit():
+                ports.add(int(b))
+            m = re.search(r"127\.0\.0\.1:(\d+)$", a)
+            if m and "valkey" in argv[0]:
+                ports.add(int(m.group(1)))
+    return ports
+
+
+def test_sigterm_mid_run_stops_every_process_and_frees_every_port(prepared_home):
+    """SIGTERM once a SuperNode runs (so the tree holds Valkey, the energy simulation, the
+    SuperLink, its detached SuperExec, the ServerApp and a SuperNode in its own session):
+    everything is gone afterwards, every port they listened on is free, exit code 130."""
     mark = uuid.uuid4().hex
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    home = tmp_path / "home"
-    env = {**os.environ, MARK: mark, "CURTAIL_HOME": str(home)}
+    env = {**os.environ, MARK: mark, "CURTAIL_HOME": str(prepared_home)}
+    logs = prepared_home / "runs" / "sigterm" / "logs"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pilot.launch", "--port", str(port), "--run-name", "sigterm",
-         "--no-live", "--no-prepare"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "pilot.launch", "--run-name", "sigterm", "--no-live"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     seen: set[int] = set()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     try:
-        while not (home / "runs" / "sigterm" / "logs" / "superlink.log").exists() \
-                or port_free(port):
+        while not list(logs.glob("supernode-*.log")):
             assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "the SuperLink never came up"
+            assert time.monotonic() < deadline, "no SuperNode was ever provisioned"
             seen.update(descendants(proc.pid))
             time.sleep(0.2)
+        time.sleep(1.0)  # let the SuperNode start its own SuperExec
         seen.update(descendants(proc.pid))
+        ports = _ports_of(seen)
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, out
     assert "interrupted" in out
     assert marked(mark) == []
-    assert port_free(port)
-    assert len(seen) >= 3  # valkey, energy simulation, superlink (+ superexec)
+    assert len(ports) >= 3, ports  # valkey, superlink, supernode
+    assert all(port_free(p) for p in ports), [p for p in ports if not port_free(p)]

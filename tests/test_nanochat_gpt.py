@@ -7,7 +7,7 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 def test_d20_parameter_count_on_meta_device():

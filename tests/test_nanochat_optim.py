@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import Muon, zeropower_via_newtonschulz5
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 def test_newton_schulz_orthogonalises():

@@ -20,7 +20,7 @@ from nanochat.train import (
     weight_decay_multiplier,
 )
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -124,6 +124,9 @@ def test_wrong_forecast_misses_no_window_by_more_than_the_provisioning_delay(fc_
             if a < trace.start + tick or b > ticks[-1] or b - a < 1800:
                 continue
             k_open = int(np.searchsorted(ticks, a))
+            # provisioning has started by the first tick the window is open: ready at most
+            # one provisioning delay after that tick
+            assert prov[i, k_open], f"{region}: not provisioned when the window at {a} opened"
             k_train = k_open + int(np.argmax(train[i, k_open:]))
             assert train[i, k_train], f"{region}: window at {a} never trained"
             late = ticks[k_train] - a
@@ -236,3 +239,69 @@ def test_outlook_merges_blips_shorter_than_the_release_delay():
     ol = P.outlook(fc, 100.0, release_s=600.0)
     assert ol.t_open == pytest.approx(200 / 3) and ol.t_close == pytest.approx(2100 - 100 * 2 / 3)
     assert P.outlook(fc, 100.0, release_s=0.0).t_close == pytest.approx(150.0)
+
+
+# ----------------------------------------------------------------------------- site configs
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_paper_config_reproduces_the_published_setup():
+    from pilot.sites import load_sites
+
+    c = load_sites(ROOT / "configs" / "paper-3site.toml")
+    assert [s.region for s in c.sites] == ["CAISO_NORTH", "SPP_TX", "NEM_SA"]
+    assert c.threshold == 100.0 and c.release_delay_s == 600.0 and c.policy == "prototype"
+    assert all(
+        (s.train_kw, s.idle_kw, s.provision_delay_s) == (2.024, 0.468, 240.0) for s in c.sites
+    )
+    assert c.trace.exists()
+    default = load_sites(ROOT / "configs" / "sites.toml")
+    assert default.policy == "forecast" and P.make_policy(None, default).cfg.use_forecast
+
+
+GOOD = """
+[policy]
+threshold = 100
+[[sites]]
+name = "a"
+region = "X"
+gpus = [0, 1]
+train_kw = 2.0
+idle_kw = 0.5
+provision_delay_s = 240
+"""
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (('name = "a"', 'name = "A_1"'), r"sites\[0\].name: 'A_1' must be a lowercase DNS label"),
+        (("train_kw = 2.0\n", ""), r"sites\[0\] \(a\).train_kw: missing"),
+        (
+            ("idle_kw = 0.5", 'idle_kw = "low"'),
+            r"sites\[0\] \(a\).idle_kw: must be a number, got 'low'",
+        ),
+        (("idle_kw = 0.5", "idle_kw = 3.0"), r"idle_kw: 3.0 exceeds train_kw 2.0"),
+        (("gpus = [0, 1]", "gpus = [0, 0]"), r"gpus: device indices must be unique"),
+        (("gpus = [0, 1]", "gpu = 2"), r"unknown key\(s\) \['gpu'\]"),
+        (("threshold = 100", "threshold = 0"), r"policy.threshold: must be > 0"),
+        (("threshold = 100", "name = 'greedy'"), r"policy.name: 'greedy' is not one of"),
+        (
+            ("threshold = 100", "horizon_s = 60"),
+            r"policy.horizon_s: 60 s is shorter than the slowest",
+        ),
+        (("threshold = 100", "threshold = "), r"invalid TOML"),
+    ],
+)
+def test_bad_site_config_error_names_file_and_field(tmp_path, edit, message):
+    from pilot.sites import ConfigError, load_sites
+
+    p = tmp_path / "s.toml"
+    p.write_text(GOOD.replace(*edit))
+    with pytest.raises(ConfigError, match=message) as e:
+        load_sites(p)
+    assert str(p) in str(e.value)
+    p.write_text(GOOD + GOOD[GOOD.index("[[sites]]") :])
+    with pytest.raises(ConfigError, match=r"duplicate site name\(s\) \['a'\]"):
+        load_sites(p)

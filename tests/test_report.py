@@ -42,26 +42,56 @@ SITES = Sites([Site("ca", "CAISO_NORTH", 2.024, 0.468), Site("tx", "SPP_TX", 2.0
 def _trace():
     ts = T0 + np.arange(0, 6 * 3600 + 1, 300.0)
     x = (ts - T0) / 3600
-    return LinearTrace(ts, CAISO_NORTH=150 - 100 * np.sin(np.pi * x / 6), SPP_TX=120 - 60 * np.sin(np.pi * (x - 1) / 4))
+    return LinearTrace(
+        ts,
+        CAISO_NORTH=150 - 100 * np.sin(np.pi * x / 6),
+        SPP_TX=120 - 60 * np.sin(np.pi * (x - 1) / 4),
+    )
 
 
 def _events():
     h = 3600.0
     ev = [{"kind": "run_start", "t": T0, "run": "demo", "policy": "forecast", "threshold": 100.0}]
     for site, p0, p1 in (("ca", 0.8 * h, 5.0 * h), ("tx", 1.5 * h, 4.0 * h)):
-        ev += [{"kind": "provision_decided", "t": T0 + p0, "site": site, "reason": "forecast"},
-               {"kind": "provision_started", "t": T0 + p0, "site": site},
-               {"kind": "provision_complete", "t": T0 + p0 + 240, "site": site}]
+        ev += [
+            {"kind": "provision_decided", "t": T0 + p0, "site": site, "reason": "forecast"},
+            {"kind": "provision_started", "t": T0 + p0, "site": site},
+            {"kind": "provision_complete", "t": T0 + p0 + 240, "site": site},
+        ]
         for r, (a, b) in enumerate([(p0 + 240, (p0 + p1) / 2), ((p0 + p1) / 2, p1 - 600)]):
-            ev.append({"kind": "train_interval", "t": T0 + b, "site": site, "round": r, "start": T0 + a, "end": T0 + b,
-                       "tokens": 1000, "loss": 5.0 - r - (site == "tx") * 0.2, "energy_j": None})
+            ev.append(
+                {
+                    "kind": "train_interval",
+                    "t": T0 + b,
+                    "site": site,
+                    "round": r,
+                    "start": T0 + a,
+                    "end": T0 + b,
+                    "tokens": 1000,
+                    "loss": 5.0 - r - (site == "tx") * 0.2,
+                    "energy_j": None,
+                }
+            )
         ev.append({"kind": "deprovision", "t": T0 + p1, "site": site, "reason": "window closed"})
-    ev += [{"kind": "aggregate", "t": T0 + (2 + r) * h, "round": r, "loss": 5.0 - 0.5 * r, "tokens": 2000} for r in range(3)]
-    ev += [{"kind": "mode", "t": T0, "mode": "PAUSE"}, {"kind": "mode", "t": T0 + 1.1 * h, "mode": "LOCAL"},
-           {"kind": "mode", "t": T0 + 1.6 * h, "mode": "FEDERATED"}, {"kind": "mode", "t": T0 + 3.9 * h, "mode": "LOCAL"},
-           {"kind": "mode", "t": T0 + 4.9 * h, "mode": "PAUSE"},
-           {"kind": "fault", "t": T0 + 2.5 * h, "site": "tx", "error": "reply dropped: NaN"},
-           {"kind": "run_end", "t": T0 + 6 * h, "reason": "done"}]
+    ev += [
+        {
+            "kind": "aggregate",
+            "t": T0 + (2 + r) * h,
+            "round": r,
+            "loss": 5.0 - 0.5 * r,
+            "tokens": 2000,
+        }
+        for r in range(3)
+    ]
+    ev += [
+        {"kind": "mode", "t": T0, "mode": "PAUSE"},
+        {"kind": "mode", "t": T0 + 1.1 * h, "mode": "LOCAL"},
+        {"kind": "mode", "t": T0 + 1.6 * h, "mode": "FEDERATED"},
+        {"kind": "mode", "t": T0 + 3.9 * h, "mode": "LOCAL"},
+        {"kind": "mode", "t": T0 + 4.9 * h, "mode": "PAUSE"},
+        {"kind": "fault", "t": T0 + 2.5 * h, "site": "tx", "error": "reply dropped: NaN"},
+        {"kind": "run_end", "t": T0 + 6 * h, "reason": "done"},
+    ]
     return sorted(ev, key=lambda e: e["t"])
 
 
@@ -132,10 +162,34 @@ def test_torn_last_line_is_skipped_but_a_bad_middle_line_is_an_error(tmp_path):
 
 
 def test_mode_band_derives_from_training_intervals_when_no_mode_events():
-    ivs = [Interval("a", 10, 50, "train"), Interval("b", 30, 40, "train"), Interval("b", 40, 60, "idle")]
-    assert report.mode_spans([], ivs, 0, 100) == [(0, 10, "PAUSE"), (10, 30, "LOCAL"), (30, 40, "FEDERATED"),
-                                                 (40, 50, "LOCAL"), (50, 100, "PAUSE")]
+    ivs = [
+        Interval("a", 10, 50, "train"),
+        Interval("b", 30, 40, "train"),
+        Interval("b", 40, 60, "idle"),
+    ]
+    assert report.mode_spans([], ivs, 0, 100) == [
+        (0, 10, "PAUSE"),
+        (10, 30, "LOCAL"),
+        (30, 40, "FEDERATED"),
+        (40, 50, "LOCAL"),
+        (50, 100, "PAUSE"),
+    ]
 
 
 def test_missing_run_dir_is_a_clear_error(tmp_path):
     assert report.main([str(tmp_path / "nope")]) == 2
+
+
+def test_a_run_going_on_past_the_trace_end_is_accounted_up_to_it(tmp_path):
+    events = _events() + [
+        {"kind": "provision_started", "t": T0 + 5.5 * 3600, "site": "tx"},
+        {"kind": "run_end", "t": T0 + 7 * 3600, "reason": "done"},
+    ]
+    _write(
+        tmp_path, [e for e in events if not (e["kind"] == "run_end" and e["t"] == T0 + 6 * 3600)]
+    )
+    rep = report.build(tmp_path, trace=_trace(), sites_config=SITES)
+    assert rep["outside_trace_hours"] == pytest.approx(1.0)
+    assert rep["end"] == T0 + 6 * 3600
+    assert rep["sites"]["tx"]["provisioned_hours"] == pytest.approx(2.5 + 0.5)
+    assert "outside the trace" in (tmp_path / "report.md").read_text()

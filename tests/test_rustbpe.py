@@ -13,9 +13,7 @@ import pytest
 import regex
 import tiktoken
 
-rustbpe = pytest.importorskip(
-    "rustbpe", reason="rustbpe extension not built: run scripts/build_rustbpe.sh"
-)
+import rustbpe  # built by scripts/build_rustbpe.sh (make setup); a missing build must fail CI
 
 NANOCHAT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
@@ -262,9 +260,21 @@ def test_vocab_size_256_learns_no_merges():
     assert train(corpus("ascii"), 256).get_merges() == []
 
 
-def test_vocab_size_below_256_is_a_value_error():
-    with pytest.raises(ValueError, match="vocab_size must be at least 256"):
-        train(["hello"], 255)
+@pytest.mark.parametrize("vocab_size", [255, 0, -1, 2**32, 2**70])
+def test_vocab_size_out_of_range_is_a_value_error(vocab_size):
+    with pytest.raises(
+        (ValueError, OverflowError), match="vocab_size must be at least 256|too large"
+    ):
+        train(["hello"], vocab_size)
+
+
+def test_huge_vocab_size_stops_when_the_corpus_runs_out_of_pairs():
+    assert train(["hello world"], 2**32 - 1).vocab_size == 256 + 4 + 5  # "hello", " world"
+
+
+def test_batch_encode_rejects_a_bare_string():
+    with pytest.raises(TypeError):
+        rustbpe.Tokenizer().batch_encode("not a list")
 
 
 def test_non_string_item_is_a_type_error_naming_the_item():
@@ -274,9 +284,11 @@ def test_non_string_item_is_a_type_error_naming_the_item():
         train([b"hello"], 300)
 
 
-def test_non_iterable_is_a_type_error():
+def test_non_iterable_or_bare_string_is_a_type_error():
     with pytest.raises(TypeError, match="iterable of str"):
         rustbpe.Tokenizer().train_from_iterator(12, 300)
+    with pytest.raises(TypeError, match="single str"):
+        rustbpe.Tokenizer().train_from_iterator("a corpus, not a list", 300)
 
 
 def test_empty_iterator_is_a_value_error():
@@ -291,6 +303,11 @@ def test_bad_pattern_and_buffer_size_are_value_errors():
         train(["hello"], 300, pattern="(unclosed")
     with pytest.raises(ValueError, match="buffer_size"):
         train(["hello"], 300, buffer_size=0)
+
+
+def test_huge_buffer_size_just_means_one_buffer():
+    texts = corpus("digits")
+    assert train(texts, 300, buffer_size=2**60).get_merges() == train(texts, 300).get_merges()
 
 
 def test_exception_from_the_iterator_propagates():

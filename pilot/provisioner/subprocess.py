@@ -1,12 +1,12 @@
 """Local SuperNodes as subprocesses: one ``flower-supernode`` per provisioned site.
 
 Resources come from the sites config: the site's GPU list becomes ``CUDA_VISIBLE_DEVICES``
-(empty = CPU only), its ``port`` (or a free one) the SuperNode's Runtime API port. Each
-node gets a
-state dir (inner optimizer state, its own FLWR_HOME so concurrent FAB installs never race)
-and a log file; the site's power model is applied by the energy simulation to the state
-word (train/idle) the ClientApp publishes. ``provision_delay_s`` (simulated seconds) is emulated: the process starts
-that long after ``start()``, converted to wall seconds with the run's speed-up.
+(empty = CPU only), its ``port`` (or a free one) the SuperNode's Runtime API port. Each node
+gets a state dir (inner optimizer state; its own FLWR_HOME, so concurrent FAB installs never
+race) and a log file. The site's power model is applied by the energy simulation to the
+state word (train/idle) the ClientApp publishes. ``provision_delay_s`` (simulated seconds) is
+emulated: the process starts that long after ``start()``, converted to wall seconds with the
+run's speed-up.
 
 Nodes run in their own sessions and outlive the ServerApp on purpose: a restarted ServerApp
 adopts the live node of a site from its pid file instead of starting a second one.
@@ -36,6 +36,7 @@ class _Node:
     proc: subprocess.Popen | None = None
     pid: int | None = None
     port: int | None = None
+    stopper: threading.Thread | None = None
 
 
 def _free_port() -> int:
@@ -74,6 +75,8 @@ class SubprocessProvisioner(Provisioner):
         self._nodes: dict[str, _Node] = {}
         self._lock = threading.Lock()
         self._stoppers: list[threading.Thread] = []
+        cpu_sites = sum(1 for s in self.sites.values() if not s.gpus)
+        self.cpu_threads = max(1, (os.cpu_count() or 1) // max(1, cpu_sites))
 
     # -- helpers ------------------------------------------------------------------------------
     def _site(self, name: str) -> Any:
@@ -105,15 +108,9 @@ class SubprocessProvisioner(Provisioner):
         return pid if is_ours else None
 
     def argv(self, site: str, port: int) -> list[str]:
-        s = self._site(site)
-        node_config = " ".join(
-            [
-                self._marker(site),
-                f'state-dir="{self._node_dir(site)}"',
-                f"train-w={s.train_kw * 1000.0}",
-                f"idle-w={s.idle_kw * 1000.0}",
-            ]
-        )
+        node_config = f'{self._marker(site)} state-dir="{self._node_dir(site)}"'
+        if not self._site(site).gpus:  # CPU sites share this machine's cores
+            node_config += f" cpu-threads={self.cpu_threads}"
         return [
             self.executable,
             "--insecure",
@@ -199,12 +196,18 @@ class SubprocessProvisioner(Provisioner):
         s = self._site(site)
         with self._lock:
             node = self._nodes.get(site)
+            stopper = node.stopper if node is not None and node.state == "stopping" else None
+        if stopper is not None:  # provisioned again while the old node is still exiting
+            stopper.join(self.stop_timeout_s + 5)
+        with self._lock:
+            node = self._nodes.get(site)
             if node is not None and node.state in ("provisioning", "running"):
                 return
-            pid = self._adopt(site)
-            if pid is not None:
-                self._nodes[site] = _Node("running", pid=pid)
-                return
+            if node is None:  # first contact: a node of an earlier ServerApp may be up
+                pid = self._adopt(site)
+                if pid is not None:
+                    self._nodes[site] = _Node("running", pid=pid)
+                    return
             node = self._nodes[site] = _Node("provisioning")
             delay = max(0.0, float(self.to_wall(s.provision_delay_s)))
             node.timer = threading.Timer(delay, self._launch, (site,))
@@ -228,10 +231,12 @@ class SubprocessProvisioner(Provisioner):
                 node.state = "stopped"
                 return
             node.state = "stopping"
-        # Off the control loop: a draining SuperNode may take seconds to exit.
-        t = threading.Thread(target=self._terminate, args=(site, node, drain), daemon=True)
-        t.start()
-        self._stoppers.append(t)
+            # Off the control loop: a draining SuperNode may take seconds to exit.
+            node.stopper = threading.Thread(
+                target=self._terminate, args=(site, node, drain), daemon=True
+            )
+            node.stopper.start()
+            self._stoppers.append(node.stopper)
 
     def status(self) -> dict[str, str]:
         out = {}

@@ -17,7 +17,11 @@ pub fn encode_chunk(chunk: &[u8], ranks: &AHashMap<Vec<u8>, u32>, out: &mut Vec<
         let mut best: Option<(u32, usize)> = None;
         for i in 0..bounds.len().saturating_sub(2) {
             if let Some(&rank) = ranks.get(&chunk[bounds[i]..bounds[i + 2]]) {
-                if best.map_or(true, |(best_rank, _)| rank < best_rank) {
+                let better = match best {
+                    Some((best_rank, _)) => rank < best_rank,
+                    None => true,
+                };
+                if better {
                     best = Some((rank, i));
                 }
             }

@@ -87,7 +87,7 @@ impl Tokenizer {
     ) -> PyResult<()> {
         if !(256..=u32::MAX as i64).contains(&vocab_size) {
             return Err(PyValueError::new_err(format!(
-                "vocab_size must be at least 256 (the byte tokens), got {vocab_size}"
+                "vocab_size must be at least 256 (the byte tokens) and fit in 32 bits, got {vocab_size}"
             )));
         }
         if buffer_size < 1 {
@@ -99,7 +99,8 @@ impl Tokenizer {
         let splitter = compile(&pattern)?;
 
         let mut chunk_counts: AHashMap<String, i64> = AHashMap::new();
-        let mut buffer: Vec<String> = Vec::with_capacity(buffer_size as usize);
+        let buffer_size = buffer_size as usize;
+        let mut buffer: Vec<String> = Vec::with_capacity(buffer_size.min(1 << 16));
         let mut items = 0usize;
         let mut flush = |buffer: &mut Vec<String>, py: Python<'_>| -> PyResult<()> {
             let counts = py
@@ -116,6 +117,12 @@ impl Tokenizer {
             buffer.clear();
             Ok(())
         };
+        if iterator.is_instance_of::<PyString>()? {
+            // Iterating a str yields its characters: a corpus of one-char texts, never meant.
+            return Err(PyTypeError::new_err(
+                "train_from_iterator expects an iterable of str, got a single str",
+            ));
+        }
         let iter = iterator.iter().map_err(|_| {
             PyTypeError::new_err(format!(
                 "train_from_iterator expects an iterable of str, got {}",
@@ -132,12 +139,11 @@ impl Tokenizer {
             })?;
             buffer.push(text.to_str()?.to_owned());
             items += 1;
-            if buffer.len() >= buffer_size as usize {
+            if buffer.len() >= buffer_size {
                 flush(&mut buffer, py)?;
             }
         }
         flush(&mut buffer, py)?;
-        drop(flush);
         if chunk_counts.is_empty() {
             return Err(PyValueError::new_err(format!(
                 "train_from_iterator got no text to train on ({items} items, all empty)"
@@ -196,7 +202,14 @@ impl Tokenizer {
     }
 
     /// `encode` for many texts, in parallel.
-    fn batch_encode(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
+    fn batch_encode(&self, py: Python<'_>, texts: &PyAny) -> PyResult<Vec<Vec<u32>>> {
+        if texts.is_instance_of::<PyString>()? {
+            // A str is a sequence of str: encoding it char by char is never what was meant.
+            return Err(PyTypeError::new_err(
+                "batch_encode expects a list of str, got a single str (use encode)",
+            ));
+        }
+        let texts: Vec<String> = texts.extract()?;
         py.allow_threads(|| {
             texts
                 .par_iter()

@@ -19,8 +19,7 @@ use regex::Regex;
 
 use crate::DEFAULT_PATTERN;
 
-const DEFAULT_WITHOUT_LOOKAROUND: &str =
-    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+";
+const DEFAULT_WITHOUT_LOOKAROUND: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+";
 
 pub enum Splitter {
     Default(Regex),
@@ -71,12 +70,14 @@ impl Splitter {
 /// is followed by a non-space): 2+ whitespace characters, not ending in a line break.
 fn gives_back_last_space(chunk: &str) -> bool {
     let mut chars = chunk.chars();
-    let (Some(first), Some(last)) = (chars.next(), chars.next_back()) else {
-        return false;
-    };
-    last != '\r'
-        && last != '\n'
-        && first.is_whitespace()
-        && last.is_whitespace()
-        && chars.all(char::is_whitespace)
+    match (chars.next(), chars.next_back()) {
+        (Some(first), Some(last)) => {
+            last != '\r'
+                && last != '\n'
+                && first.is_whitespace()
+                && last.is_whitespace()
+                && chars.all(char::is_whitespace)
+        }
+        _ => false, // fewer than 2 characters
+    }
 }

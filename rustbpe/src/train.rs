@@ -87,16 +87,23 @@ pub fn learn_merges(words: Vec<(Vec<u8>, i64)>, num_merges: usize) -> Vec<Pair> 
         .map(|(&pair, &count)| Candidate { count, pair })
         .collect();
 
-    let mut merges = Vec::with_capacity(num_merges);
+    // Bounded: `num_merges` may be huge while the corpus runs out of pairs much earlier.
+    let mut merges = Vec::with_capacity(num_merges.min(1 << 16));
     let mut risen: AHashSet<Pair> = AHashSet::new();
     while merges.len() < num_merges {
-        let Some(top) = queue.pop() else { break };
+        let top = match queue.pop() {
+            Some(top) => top,
+            None => break, // every word is a single token
+        };
         let current = pair_counts.get(&top.pair).copied().unwrap_or(0);
         if current <= 0 {
             continue;
         }
         if current != top.count {
-            queue.push(Candidate { count: current, pair: top.pair });
+            queue.push(Candidate {
+                count: current,
+                pair: top.pair,
+            });
             continue;
         }
 
@@ -113,20 +120,25 @@ pub fn learn_merges(words: Vec<(Vec<u8>, i64)>, num_merges: usize) -> Vec<Pair> 
         risen.clear();
         for &word_index in &where_found {
             let count = counts[word_index as usize];
-            merge_word(&mut words[word_index as usize], top.pair, new_id, |pair, delta| {
-                if pair == top.pair {
-                    return; // already removed from pair_counts
-                }
-                *pair_counts.entry(pair).or_insert(0) += delta * count;
-                if delta > 0 {
-                    // New pairs always contain `new_id`, so this word list starts empty.
-                    let list = positions.entry(pair).or_default();
-                    if list.last() != Some(&word_index) {
-                        list.push(word_index);
+            merge_word(
+                &mut words[word_index as usize],
+                top.pair,
+                new_id,
+                |pair, delta| {
+                    if pair == top.pair {
+                        return; // already removed from pair_counts
                     }
-                    risen.insert(pair);
-                }
-            });
+                    *pair_counts.entry(pair).or_insert(0) += delta * count;
+                    if delta > 0 {
+                        // New pairs always contain `new_id`, so this word list starts empty.
+                        let list = positions.entry(pair).or_default();
+                        if list.last() != Some(&word_index) {
+                            list.push(word_index);
+                        }
+                        risen.insert(pair);
+                    }
+                },
+            );
         }
         for &pair in &risen {
             let count = pair_counts.get(&pair).copied().unwrap_or(0);

@@ -1,0 +1,929 @@
+"""Elastic, curtailment-aware, time-based rounds over the Flower Grid (the ServerApp's logic).
+
+One control loop, one thread, our own push/pull over the Grid (never the blocking
+``send_and_receive``):
+
+1. read the latest per-site signals and forecasts from Redis and ask the pure policy which
+   sites to provision and which to train (PAUSE / LOCAL / FEDERATED);
+2. drive the provisioner (start/stop SuperNodes); map node ids to sites with QUERY messages,
+   refreshed whenever a new node id appears;
+3. rounds are time-based in simulated seconds: a LOCAL round lasts ``round_max_s`` (so a
+   checkpoint exists even when one site trains alone), a FEDERATED one ``round_min_s``; a
+   site that becomes ready mid-round gets the current global model at once with the
+   remaining deadline, and a join that turns a LOCAL round FEDERATED shortens it (the
+   ``round:<n>:end`` key stops the sites already training);
+4. a site that must leave gets ``stop:<site>``, returns its partial work (which counts), and
+   only then is deprovisioned; a node that dies, errors or stays silent past
+   ``reply_grace_s`` is dropped and its data lease returns to the pool;
+5. closing a round: validate replies, average them weighted by tokens trained, apply the
+   outer optimizer, commit the data ledger, write an atomic checkpoint.
+
+Waiting never spins: with nothing in flight the loop blocks on the signals stream
+(XREAD BLOCK); with messages in flight it polls the Grid every ``poll_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pilot.aggregate import (
+    OuterOptimizer,
+    ReplyError,
+    State,
+    decode_state,
+    encode_state,
+    transfer_dtype,
+    validate_state,
+    weighted_average,
+)
+from pilot.datamgr import Assignment, DataLedger, LedgerError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+QUERY_RETRY_S = 5.0  # wall seconds before re-asking a node that failed a QUERY
+IDLE_BLOCK_MS = 5000  # longest block on the signals stream with nothing in flight
+TRACE_DONE = ("done", "finished", "ended", "stopped")
+
+
+class RunConfigError(ValueError):
+    """The preset or run-config is invalid; the message names the file/key and the fix."""
+
+
+# ------------------------------------------------------------------------------ run config
+@dataclass
+class RunConfig:
+    """Everything the ServerApp needs, from a preset TOML plus Flower run-config overrides.
+
+    Preset sections: ``[launch]`` (shared with pilot.launch: sites, data_dir, tokenizer_dir,
+    runs_dir), ``[run]`` (this module's knobs below) and ``[train]`` (nanochat TrainConfig).
+    Durations ending in ``_s`` are simulated seconds unless documented as wall seconds.
+    """
+
+    name: str
+    preset: Path
+    sites_file: Path
+    data_dir: str  # CURTAIL_HOME-relative unless absolute; resolved on each site
+    tokenizer_dir: str
+    run_dir: Path
+    train: dict
+    policy: str | None = None  # None: the sites file's [policy] name
+    provisioner: str = "subprocess"
+    superlink: str = ""  # Fleet address for provisioned SuperNodes ("": the Runtime API's)
+    round_min_s: float = 600.0  # FEDERATED round length (sync period)
+    round_max_s: float = 1800.0  # LOCAL round length (checkpoint period)
+    join_min_s: float = 60.0  # a site joins a running round only with this much left
+    reply_grace_s: float = 60.0  # WALL seconds past a deadline before a silent site is dropped
+    poll_s: float = 0.5  # WALL seconds between Grid polls while messages are in flight
+    transfer_dtype: str = "fp32"
+    outer: str = "none"
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.9
+    chunks_per_assignment: int = 4
+    assignment_slack: float = 1.5  # lease this many times the rows a site is expected to read
+    stop_ttl_s: float = 3600.0  # WALL seconds a stop request stays in Redis
+    node_stop_timeout_s: float = 10.0  # WALL seconds a SuperNode gets to exit on SIGTERM
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "curtail-llm"
+
+    @property
+    def num_iterations(self) -> int:
+        return int(self.train["num_iterations"])
+
+
+_RUN_KEYS = {f for f in RunConfig.__dataclass_fields__} - {
+    "name",
+    "preset",
+    "sites_file",
+    "data_dir",
+    "tokenizer_dir",
+    "run_dir",
+    "train",
+}
+
+
+def _find_preset(preset: str) -> Path:
+    p = Path(preset).expanduser()
+    if p.suffix == ".toml" or p.is_absolute():
+        if not p.is_absolute():
+            p = REPO / p
+        if not p.is_file():
+            raise RunConfigError(
+                f"preset file {p} not found: pass a preset name from "
+                f"{CONFIGS} or an existing TOML path"
+            )
+        return p
+    p = CONFIGS / f"{preset}.toml"
+    if not p.is_file():
+        names = sorted(q.stem for q in CONFIGS.glob("*.toml"))
+        raise RunConfigError(f"unknown preset {preset!r}: use one of {names} or a TOML path")
+    return p
+
+
+def _curtail_home() -> Path:
+    return Path(os.environ.get("CURTAIL_HOME", Path.home() / ".cache" / "curtail-llm"))
+
+
+def load_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Flower run-config (``preset``, optional ``run-name``, ``num-iterations``, ``sites``,
+    ``superlink``) -> RunConfig."""
+    from nanochat.train import TrainConfig
+
+    preset = _find_preset(str(run_config.get("preset") or "cpu-demo"))
+    try:
+        doc = tomllib.loads(preset.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RunConfigError(f"{preset}: invalid TOML ({e})") from None
+    launch, run, train = doc.get("launch", {}), dict(doc.get("run", {})), doc.get("train", {})
+    name = str(run_config.get("run-name") or run.pop("name", "") or preset.stem)
+    run.pop("name", None)
+    unknown = set(run) - _RUN_KEYS
+    if unknown:
+        raise RunConfigError(
+            f"{preset}: [run] has unknown key(s) {sorted(unknown)}; allowed: {sorted(_RUN_KEYS)}"
+        )
+    try:
+        tc = TrainConfig.from_dict(dict(train))
+    except (TypeError, ValueError) as e:
+        raise RunConfigError(f"{preset}: [train]: {e}") from None
+    if int(run_config.get("num-iterations") or 0) > 0:
+        tc.num_iterations = int(run_config["num-iterations"])
+    sites = str(run_config.get("sites") or launch.get("sites") or "")
+    if not sites:
+        raise RunConfigError(f"{preset}: [launch] sites is missing: name a sites TOML")
+    sites_file = Path(sites).expanduser()
+    sites_file = sites_file if sites_file.is_absolute() else REPO / sites_file
+    for key in ("data_dir", "tokenizer_dir"):
+        if not launch.get(key):
+            raise RunConfigError(f"{preset}: [launch] {key} is missing")
+    runs_dir = Path(str(launch.get("runs_dir", "runs"))).expanduser()
+    runs_dir = runs_dir if runs_dir.is_absolute() else _curtail_home() / runs_dir
+    if run_config.get("superlink"):
+        run["superlink"] = str(run_config["superlink"])
+    cfg = RunConfig(
+        name=name,
+        preset=preset,
+        sites_file=sites_file,
+        data_dir=str(launch["data_dir"]),
+        tokenizer_dir=str(launch["tokenizer_dir"]),
+        run_dir=runs_dir / name,
+        train=tc.to_dict(),
+        **run,
+    )
+    transfer_dtype(cfg.transfer_dtype)  # validate early
+    OuterOptimizer(cfg.outer, cfg.outer_lr, cfg.outer_momentum)
+    if not 0 < cfg.round_min_s <= cfg.round_max_s:
+        raise RunConfigError(
+            f"{preset}: need 0 < round_min_s <= round_max_s, got "
+            f"{cfg.round_min_s}, {cfg.round_max_s}"
+        )
+    if cfg.wandb not in ("disabled", "offline", "online"):
+        raise RunConfigError(f"{preset}: [run] wandb must be disabled, offline or online")
+    return cfg
+
+
+def runtime_api_address() -> str:
+    """The SuperLink address this ServerApp process was started with. Flower 1.41 serves the
+    Fleet API on the same port, so provisioned SuperNodes can connect there."""
+    argv = sys.argv
+    for i, a in enumerate(argv):
+        if a == "--runtime-api-address" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--runtime-api-address="):
+            return a.split("=", 1)[1]
+    return "127.0.0.1:8000"  # Flower's default SuperLink port
+
+
+# ------------------------------------------------------------------------------ round state
+@dataclass
+class Participant:
+    site: str
+    node_id: int
+    msg_id: str
+    deadline_wall: float  # what its TRAIN message says
+    assignment: Assignment
+    joined: bool  # entered a running round
+    sent_wall: float
+
+
+@dataclass
+class Reply:
+    site: str
+    state: State
+    tokens: int
+    steps: int
+    loss: float
+    consumed: dict[str, int]
+
+
+@dataclass
+class Round:
+    n: int
+    start_wall: float
+    deadline_wall: float  # may shrink when the round turns FEDERATED
+    base_step: int
+    participants: dict[str, Participant] = field(default_factory=dict)
+    replies: dict[str, Reply] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)
+    end_signalled: bool = False
+
+    def pending(self) -> list[str]:
+        return [s for s in self.participants if s not in self.replies and s not in self.dropped]
+
+
+# ------------------------------------------------------------------------------ the loop
+class ElasticStrategy:
+    def __init__(self, grid: Any, cfg: RunConfig, signals: Any, provisioner: Any = None):
+        from pilot.carbon import Ledger
+        from pilot.events import EventLog
+        from pilot.policy import make_policy
+        from pilot.runlog import RunLog
+        from pilot.sites import load_sites
+
+        self.grid, self.cfg, self.sig = grid, cfg, signals
+        self.sites = load_sites(cfg.sites_file)
+        self.policy = make_policy(cfg.policy, self.sites)
+        self.dtype = transfer_dtype(cfg.transfer_dtype)
+        self.clock = self._wait_clock()
+        self.carbon = Ledger()
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        self.events = EventLog(
+            cfg.run_dir / "events.jsonl", self.clock_now, signals, observers=[self.carbon.observe]
+        )
+        self.runlog = RunLog(
+            cfg.run_dir,
+            cfg.wandb,
+            cfg.wandb_project,
+            cfg.name,
+            {"preset": str(cfg.preset), **cfg.train},
+        )
+        self.provisioner = provisioner or self._make_provisioner()
+        # model / optimizer / data state (checkpointed)
+        self.global_state: State = {}
+        self.outer = OuterOptimizer(cfg.outer, cfg.outer_lr, cfg.outer_momentum)
+        self.ledger: DataLedger | None = None
+        self.global_step = 0
+        self.tokens = 0
+        self.round_n = 0
+        # live state (not checkpointed)
+        self._scratch: State | None = None
+        self._wire: tuple[int, Any] | None = None  # (round, encoded global ArrayRecord)
+        self.round: Round | None = None
+        self.node_site: dict[int, str] = {}
+        self.site_node: dict[str, int] = {}
+        self.queries: dict[str, tuple[int, float]] = {}  # msg id -> (node id, sent wall)
+        self.query_failed: dict[int, float] = {}  # node id -> wall time of failure
+        self.known_nodes: set[int] = set()
+        self.provisioned: set[str] = set()
+        self.complete: set[str] = set()  # provisioned and ready (provision_complete emitted)
+        self.leaving: dict[str, str] = {}  # site -> reason, stop requested, reply pending
+        self.rate: dict[str, float] = {}  # site -> rows read per wall second
+        self.startup_s: float | None = None  # wall seconds from TRAIN push to first step
+        self.last_signal_id = "$"
+        self.last_mode: tuple | None = None
+
+    # -- setup --------------------------------------------------------------------------------
+    def _wait_clock(self):
+        """The run's clock from the energy simulation's meta; blocks until it is published."""
+        from pilot.clock import Clock
+
+        while True:
+            meta = self.sig.meta()
+            if "speedup" in meta and ("sim_time" in meta or "sim_start" in meta):
+                return Clock.from_meta(meta)
+            log.info("waiting for the energy simulation to publish %s", self.sig.key("meta"))
+            self.last_signal_id, _ = self.sig.wait_signals("$", block_ms=2000)
+
+    def clock_now(self) -> float:
+        return self.clock.sim_now()
+
+    def _refresh_clock(self) -> dict:
+        from pilot.clock import Clock
+
+        meta = self.sig.meta()
+        if "speedup" in meta:
+            self.clock = Clock.from_meta(meta)
+        return meta
+
+    def _make_provisioner(self):
+        from pilot.provisioner import make_provisioner
+
+        return make_provisioner(
+            self.cfg.provisioner,
+            sites=self.sites.sites,
+            superlink=self.cfg.superlink or runtime_api_address(),
+            state_dir=self.cfg.run_dir / "nodes",
+            log_dir=self.cfg.run_dir / "logs",
+            to_wall=lambda sim_s: self.clock.to_wall(sim_s),
+            stop_timeout_s=self.cfg.node_stop_timeout_s,
+        )
+
+    def _init_model(self) -> None:
+        from nanochat.dataset import chunk_table
+        from nanochat.gpt import GPT, GPTConfig
+
+        t = self.cfg.train
+        torch.manual_seed(int(t["seed"]))
+        model = GPT(
+            GPTConfig.from_depth(int(t["depth"]), int(t["vocab_size"]), int(t["sequence_len"]))
+        )
+        model.init_weights()
+        self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        data_dir = _resolve_home(self.cfg.data_dir)
+        self.ledger = DataLedger(chunk_table(data_dir))
+
+    def _resume(self) -> bool:
+        """Restore the newest checkpoint of this run; False when there is none."""
+        from nanochat import checkpoint
+
+        path = checkpoint.latest(self.cfg.run_dir / "checkpoint")
+        if path is None:
+            return False
+        model, optim, meta = checkpoint.load(path)
+        if meta.get("train_config") != self.cfg.train:
+            raise RunConfigError(
+                f"checkpoint {path} was trained with another [train] config; "
+                "resume with the same preset or use a new run name"
+            )
+        self.global_state = {
+            k: v.to(torch.float32) if v.is_floating_point() else v for k, v in model.items()
+        }
+        self.outer.load_state_dict(optim[0])
+        self.ledger = DataLedger.from_dict(meta["data_ledger"])
+        self.global_step, self.tokens = int(meta["step"]), int(meta["tokens"])
+        self.rate = {k: float(v) for k, v in meta.get("rates", {}).items()}
+        checkpoint.set_rng_state(meta["rng"])
+        # The round that was in flight when the previous server died is lost: end it so its
+        # ClientApps stop now, and never reuse its number.
+        self.round_n = int(meta["round"]) + 1
+        self.sig.end_round(self.round_n)
+        log.info(
+            "resumed %s: round %d, step %d, %d tokens",
+            path,
+            meta["round"],
+            self.global_step,
+            self.tokens,
+        )
+        return True
+
+    def _checkpoint(self) -> None:
+        from nanochat import checkpoint
+
+        assert self.ledger is not None
+        meta = {
+            "step": self.global_step,
+            "round": self.round_n,
+            "tokens": self.tokens,
+            "run": self.cfg.name,
+            "train_config": self.cfg.train,
+            "data_ledger": self.ledger.to_dict(),
+            "carbon_ledger": self.carbon.to_dict(),
+            "rates": dict(self.rate),
+            "rng": checkpoint.rng_state(),
+            "wall": time.time(),
+        }
+        checkpoint.save(
+            self.cfg.run_dir / "checkpoint",
+            self.global_state,
+            [self.outer.state_dict()],
+            meta,
+            keep=2,
+        )
+        _atomic_write(self.cfg.run_dir / "ledger.json", json.dumps(self.carbon.to_dict()))
+
+    # -- main ---------------------------------------------------------------------------------
+    def run(self) -> str:
+        from pilot.report import load_events
+
+        resumed = self._resume()
+        if not resumed:
+            self._init_model()
+        # An earlier incarnation of this run (killed, or died before its first checkpoint):
+        # replaying its events rebuilds the carbon ledger up to the crash, including what
+        # happened after the last checkpoint, and says which sites are still provisioned.
+        if self.events.path.exists():
+            for ev in load_events(self.events.path):
+                self.carbon.observe(ev)
+        for site in sorted(set(self.carbon.open) & set(self.sites.names)):
+            self.provisioner.start(site)  # adopts the running node, or restarts it
+            self.provisioned.add(site)
+        for site in self.sites.names:
+            self.sig.clear_stop(site)
+        meta = self.sig.meta()
+        self.events.emit(
+            "run_start",
+            run=self.cfg.name,
+            preset=str(self.cfg.preset),
+            trace=str(self.sites.trace) if self.sites.trace else meta.get("trace"),
+            sites=str(self.cfg.sites_file),
+            threshold=self.sites.threshold,
+            policy=self.policy.cfg.name,
+            sim_start=meta.get("sim_start"),
+            speedup=self.clock.speedup,
+            resumed=resumed,
+            round=self.round_n,
+            global_step=self.global_step,
+            outer=self.cfg.outer,
+            transfer_dtype=self.cfg.transfer_dtype,
+        )
+        reason = "error"
+        try:
+            while True:
+                end = self._end_reason()
+                if end is not None and self.round is None:
+                    reason = end
+                    break
+                self._tick()
+        finally:
+            self._shutdown(reason)
+        return reason
+
+    def _end_reason(self) -> str | None:
+        assert self.ledger is not None
+        if self.ledger.exhausted:
+            return "data"
+        if self.global_step >= self.cfg.num_iterations:
+            return "steps"
+        if self.sig.status() in TRACE_DONE:
+            return "trace_end"
+        return None
+
+    def _tick(self) -> None:
+        self._refresh_clock()
+        self._poll_nodes()
+        self._pull()
+        decision = self._decide()
+        self._provision(decision)
+        self._drive_round(decision)
+        self._wait()
+
+    def _wait(self) -> None:
+        busy = (
+            self.round is not None
+            or self.queries
+            or self.leaving
+            or any(s not in self.site_node for s in self.provisioned)
+        )
+        block_ms = int(self.cfg.poll_s * 1000) if busy else IDLE_BLOCK_MS
+        self.last_signal_id, _ = self.sig.wait_signals(self.last_signal_id, block_ms=block_ms)
+
+    # -- nodes --------------------------------------------------------------------------------
+    def _poll_nodes(self) -> None:
+        from flwr.app import Message, RecordDict
+
+        now = time.time()
+        ids = set(self.grid.get_node_ids())
+        for nid in sorted(self.known_nodes - ids):
+            self._node_gone(nid)
+        fresh = [
+            nid
+            for nid in sorted(ids - self.known_nodes)
+            if now - self.query_failed.get(nid, -math.inf) >= QUERY_RETRY_S
+        ]
+        if not fresh:
+            return
+        msgs = [
+            Message(RecordDict(), dst_node_id=nid, message_type="query", ttl=120) for nid in fresh
+        ]
+        for nid, mid in zip(fresh, self.grid.push_messages(msgs), strict=True):
+            if mid:
+                self.queries[mid] = (nid, now)
+                self.known_nodes.add(nid)
+
+    def _node_gone(self, nid: int) -> None:
+        self.known_nodes.discard(nid)
+        site = self.node_site.pop(nid, None)
+        if site is None or self.site_node.get(site) != nid:
+            return
+        del self.site_node[site]
+        self.complete.discard(site)
+        if self.round is not None and site in self.round.pending():
+            self._drop(site, "node disconnected")
+
+    def _on_query_reply(self, nid: int, msg: Any) -> None:
+        if msg.has_error():
+            self.known_nodes.discard(nid)
+            self.query_failed[nid] = time.time()
+            self.events.emit("fault", error=f"QUERY to node {nid} failed: {msg.error.reason}")
+            return
+        site = str(msg.content["site"]["site"])
+        if site not in self.sites.names:
+            self.events.emit(
+                "fault",
+                error=f"node {nid} says it is site {site!r}, which is not in {self.cfg.sites_file}",
+                site=site,
+            )
+            return
+        old = self.site_node.get(site)
+        if old is not None and old != nid:
+            self.node_site.pop(old, None)  # a restarted node replaces its stale registration
+        self.node_site[nid], self.site_node[site] = site, nid
+        if site in self.provisioned and site not in self.complete:
+            self.complete.add(site)
+            self.events.emit(
+                "provision_complete",
+                site=site,
+                node_id=nid,
+                gpus=int(msg.content["site"]["gpus"]),
+                device=str(msg.content["site"]["device"]),
+            )
+
+    def _pull(self) -> None:
+        ids = list(self.queries)
+        if self.round is not None:
+            ids += [
+                p.msg_id for s, p in self.round.participants.items() if s in self.round.pending()
+            ]
+        if not ids:
+            return
+        for msg in self.grid.pull_messages(ids):
+            mid = msg.metadata.reply_to_message_id
+            if mid in self.queries:
+                nid, _ = self.queries.pop(mid)
+                self._on_query_reply(nid, msg)
+            elif self.round is not None:
+                for site, p in self.round.participants.items():
+                    if p.msg_id == mid and site in self.round.pending():
+                        self._on_train_reply(site, msg)
+                        break
+        now = time.time()
+        for mid, (nid, sent) in list(self.queries.items()):
+            if now - sent > 120:  # never answered (node died before replying): ask again later
+                del self.queries[mid]
+                self.known_nodes.discard(nid)
+
+    # -- policy and provisioning ---------------------------------------------------------------
+    def _decide(self):
+        now = self.clock.sim_now()
+        mci, forecast = {}, {}
+        for s in self.sites.sites:
+            st = self.sig.site(s.name)
+            if st is not None and "mci" in st:
+                mci[s.name] = float(st["mci"])
+            forecast[s.name] = self.sig.forecast(s.name)
+        ready = {s for s in self.site_node if s not in self.leaving}
+        decision = self.policy.step(now, mci, forecast, ready)
+        key = (decision.mode, tuple(sorted(decision.train)), tuple(sorted(decision.provision)))
+        if key != self.last_mode:
+            self.last_mode = key
+            self.events.emit(
+                "mode",
+                mode=str(decision.mode),
+                train=sorted(decision.train),
+                provision=sorted(decision.provision),
+                reasons=decision.reasons,
+            )
+        return decision
+
+    def _provision(self, decision) -> None:
+        status = self.provisioner.status()
+        for site in sorted(self.provisioned):
+            if status.get(site, "").startswith("failed"):  # its SuperNode died: replace it
+                self.events.emit(
+                    "fault", error=f"node of {site} {status[site]}; restarting", site=site
+                )
+                self.provisioner.stop(site, drain=False)
+                self.provisioner.start(site)
+        for site in sorted(decision.provision - self.provisioned):
+            reason = decision.reasons.get(site, "")
+            self.events.emit("provision_decided", site=site, reason=reason)
+            self.sig.clear_stop(site)
+            self.provisioner.start(site)
+            self.provisioned.add(site)
+            self.events.emit("provision_started", site=site, reason=reason)
+            if site in self.site_node:  # its node is still (or already) connected
+                self.complete.add(site)
+                self.events.emit("provision_complete", site=site, node_id=self.site_node[site])
+        for site in sorted(self.provisioned - decision.provision):
+            if site in self.leaving:
+                continue
+            reason = decision.reasons.get(site, "released")
+            if self.round is not None and site in self.round.pending():
+                self._request_leave(site, reason)  # deprovisioned when its reply is in
+            else:
+                self._deprovision(site, reason)
+
+    def _request_leave(self, site: str, reason: str) -> None:
+        assert self.round is not None
+        self.sig.request_stop(site, reason, ttl_s=self.cfg.stop_ttl_s)
+        self.leaving[site] = reason
+        self.events.emit("leave", site=site, round=self.round.n, reason=reason)
+
+    def _deprovision(self, site: str, reason: str) -> None:
+        self.provisioner.stop(site, drain=True)
+        self.provisioned.discard(site)
+        self.complete.discard(site)
+        self.leaving.pop(site, None)
+        # The node mapping goes when the node leaves the Grid (_node_gone): a hand-started
+        # node (provisioner "none") stays connected and can be given work again later.
+        self.sig.clear_stop(site)
+        self.events.emit("deprovision", site=site, reason=reason)
+
+    # -- rounds -------------------------------------------------------------------------------
+    def _drive_round(self, decision) -> None:
+        trainable = {s for s in decision.train if s in self.site_node and s not in self.leaving}
+        if self.round is None:
+            if trainable and self._end_reason() is None:
+                self._open_round(trainable, decision)
+            return
+        r, now = self.round, time.time()
+        # leaves: still training but no longer in the train set (window closed)
+        for site in r.pending():
+            if site not in decision.train and site not in self.leaving:
+                self._request_leave(site, decision.reasons.get(site, "window closed"))
+        # joins: ready mid-round, with at least join_min_s of training left once the
+        # ClientApp has started (the measured TRAIN start-up lag)
+        remaining = r.deadline_wall - now - (self.startup_s or 0.0)
+        joiners = sorted(s for s in trainable - set(r.participants))
+        if joiners and remaining >= self.clock.to_wall(self.cfg.join_min_s):
+            active = [s for s in r.pending() if s not in self.leaving]
+            if len(active) + len(joiners) >= 2:
+                # the round becomes FEDERATED: sync after round_min_s, not round_max_s
+                r.deadline_wall = min(
+                    r.deadline_wall, now + self.clock.to_wall(self.cfg.round_min_s)
+                )
+            self._send_train(r, joiners, joined=True)
+        # early end for sites whose messages carry a later deadline
+        if (
+            now >= r.deadline_wall
+            and not r.end_signalled
+            and any(p.deadline_wall > r.deadline_wall for p in r.participants.values())
+        ):
+            self.sig.end_round(r.n)
+            r.end_signalled = True
+        # silent sites: dropped after the grace period
+        for site in r.pending():
+            due = min(r.participants[site].deadline_wall, r.deadline_wall)
+            if now > due + self.cfg.reply_grace_s:
+                self._drop(site, f"no reply {self.cfg.reply_grace_s:.0f} s after the deadline")
+        if not r.pending():  # everyone replied (or was dropped): no reason to wait longer
+            self._close_round()
+
+    def _open_round(self, sites: set[str], decision) -> None:
+        from pilot.policy import Mode
+
+        self.round_n += 1
+        now = time.time()
+        length = (
+            self.cfg.round_min_s
+            if decision.mode == Mode.FEDERATED and len(sites) > 1
+            else self.cfg.round_max_s
+        )
+        self.round = Round(
+            n=self.round_n,
+            start_wall=now,
+            deadline_wall=now + self.clock.to_wall(length),
+            base_step=self.global_step,
+        )
+        self.events.emit(
+            "round_start",
+            round=self.round_n,
+            sites=sorted(sites),
+            deadline_t=self.clock.sim_now(self.round.deadline_wall),
+            global_step=self.global_step,
+            mode=str(Mode.of(len(sites))),
+        )
+        self._send_train(self.round, sorted(sites), joined=False)
+        if not self.round.participants:  # no data could be assigned to anyone
+            self.round = None
+
+    def _global_record(self, r: Round):
+        if self._wire is None or self._wire[0] != r.n:
+            self._wire = (r.n, encode_state(self.global_state, self.dtype))
+        return self._wire[1]
+
+    def _assign(self, site: str, remaining_wall: float) -> Assignment:
+        assert self.ledger is not None
+        gpus = len(self.sites.site(site).gpus)
+        rate = self.rate.get(site)
+        if rate is None:  # first TRAIN of this site: a fixed number of chunks
+            max_chunks, max_rows = max(self.cfg.chunks_per_assignment, gpus), None
+        else:  # enough rows for the time left at the measured read rate, with slack
+            train_s = max(0.0, remaining_wall - (self.startup_s or 0.0))
+            max_chunks = self.ledger.num_chunks
+            max_rows = math.ceil(rate * train_s * self.cfg.assignment_slack) + 1
+        return self.ledger.assign(
+            site, max_chunks=max_chunks, max_rows=max_rows, min_chunks=max(1, gpus)
+        )
+
+    def _send_train(self, r: Round, sites: list[str], joined: bool) -> None:
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        now = time.time()
+        msgs, planned = [], []
+        for site in sites:
+            assignment = self._assign(site, r.deadline_wall - now)
+            if not assignment.chunks:
+                continue
+            self.sig.clear_stop(site)
+            config = ConfigRecord(
+                {
+                    "run": self.cfg.name,
+                    "round": r.n,
+                    "global_step": r.base_step,
+                    "deadline_wall": r.deadline_wall,
+                    "assignment": json.dumps(assignment.to_dict()),
+                    "train_config": json.dumps(self.cfg.train),
+                    "transfer_dtype": self.cfg.transfer_dtype,
+                    "data_dir": self.cfg.data_dir,
+                    "tokenizer_dir": self.cfg.tokenizer_dir,
+                    "max_steps": max(0, self.cfg.num_iterations - r.base_step),
+                }
+            )
+            content = RecordDict({"model": self._global_record(r), "config": config})
+            ttl = max(60.0, r.deadline_wall - now + self.cfg.reply_grace_s + 60.0)
+            msgs.append(
+                Message(
+                    content,
+                    dst_node_id=self.site_node[site],
+                    message_type="train",
+                    group_id=str(r.n),
+                    ttl=ttl,
+                )
+            )
+            planned.append((site, assignment))
+        if not msgs:
+            return
+        for (site, assignment), mid in zip(planned, self.grid.push_messages(msgs), strict=True):
+            if not mid:
+                self.ledger.release(site)
+                self.events.emit(
+                    "fault", error="TRAIN message could not be pushed", site=site, round=r.n
+                )
+                continue
+            r.participants[site] = Participant(
+                site, self.site_node[site], mid, r.deadline_wall, assignment, joined, now
+            )
+            if joined:
+                self.events.emit(
+                    "join", site=site, round=r.n, deadline_t=self.clock.sim_now(r.deadline_wall)
+                )
+
+    def _drop(self, site: str, why: str) -> None:
+        assert self.round is not None and self.ledger is not None
+        self.round.dropped.add(site)
+        released = self.ledger.release(site)
+        self.events.emit(
+            "fault", error=why, site=site, round=self.round.n, released_chunks=released
+        )
+        if site in self.leaving:
+            self._deprovision(site, self.leaving[site])
+
+    def _on_train_reply(self, site: str, msg: Any) -> None:
+        assert self.round is not None and self.ledger is not None
+        r = self.round
+        if msg.has_error():
+            self._drop(site, f"TRAIN failed: {msg.error.reason}")
+            return
+        try:
+            reply = self._parse_reply(site, msg)
+        except (ReplyError, LedgerError, KeyError, TypeError, ValueError) as e:
+            self._drop(site, f"bad reply dropped: {e}")
+            return
+        r.replies[site] = reply
+        if site in self.leaving:
+            self._deprovision(site, self.leaving[site])
+
+    def _parse_reply(self, site: str, msg: Any) -> Reply:
+        """Validate a TRAIN reply and record its energy; raises on anything unusable."""
+        assert self.round is not None and self.ledger is not None
+        content = msg.content
+        metrics, report = content["metrics"], content["report"]
+        tokens, steps = int(metrics["tokens"]), int(metrics["steps"])
+        loss, energy = float(metrics["loss"]), float(metrics["energy_j"])
+        # Energy was spent whether or not the weights are usable: account it first.
+        for start, end in json.loads(str(report["intervals"])):
+            self.events.emit(
+                "train_interval",
+                site=site,
+                round=self.round.n,
+                start=self.clock.sim_now(float(start)),
+                end=self.clock.sim_now(float(end)),
+                tokens=tokens,
+                steps=steps,
+                loss=loss if steps else None,
+                energy_j=energy if energy >= 0 else None,
+                stopped_by=str(report["stopped_by"]),
+            )
+        if str(report["site"]) != site:
+            raise ReplyError(f"reply from node of {site!r} claims site {report['site']!r}")
+        if tokens < 0 or steps < 0 or (steps > 0 and not math.isfinite(loss)):
+            raise ReplyError(f"implausible metrics tokens={tokens} steps={steps} loss={loss}")
+        state = decode_state(content["model"])
+        validate_state(state, self.global_state, self.dtype)
+        consumed = {str(k): int(v) for k, v in json.loads(str(report["consumed"])).items()}
+        new_rows = self.ledger.check(site, consumed)
+        intervals = json.loads(str(report["intervals"]))
+        seconds = sum(float(e) - float(s) for s, e in intervals)
+        if new_rows > 0 and seconds > 0:
+            self.rate[site] = new_rows / seconds
+        if intervals:  # TRAIN pushed -> first step: process start, imports, model, data
+            lag = float(intervals[0][0]) - self.round.participants[site].sent_wall
+            self.startup_s = lag if self.startup_s is None else 0.5 * (self.startup_s + lag)
+        return Reply(site, state, tokens, steps, loss, consumed)
+
+    def _close_round(self) -> None:
+        assert self.round is not None and self.ledger is not None
+        r = self.round
+        replies = list(r.replies.values())
+        worked = [rep for rep in replies if rep.tokens > 0]
+        loss = None
+        if worked:
+            weights = [float(rep.tokens) for rep in worked]
+            avg = weighted_average([rep.state for rep in worked], weights, out=self._scratch)
+            old = self.global_state
+            self.global_state = self.outer.step(old, avg)
+            # recycle buffers: the next average goes into whichever state is now free
+            self._scratch = old if self.global_state is avg else avg
+            self.global_step = r.base_step + max(rep.steps for rep in worked)
+            self.tokens += sum(rep.tokens for rep in worked)
+            loss = sum(rep.loss * w for rep, w in zip(worked, weights, strict=True)) / sum(weights)
+        committed: dict[str, dict[str, list[int]]] = {}
+        for rep in replies:  # rows read are consumed even when no full step ran
+            done = self.ledger.committed()
+            self.ledger.commit(rep.site, rep.consumed)
+            committed[rep.site] = {k: [done[k], v] for k, v in rep.consumed.items() if v > done[k]}
+        sites = sorted(r.replies)
+        tokens = sum(rep.tokens for rep in worked)
+        # committed: the row ranges [from, to) per chunk this round made permanent, so that
+        # exactly-once can be audited from the events alone
+        self.events.emit(
+            "round_end",
+            round=r.n,
+            sites=sites,
+            tokens=tokens,
+            loss=loss,
+            dropped=sorted(r.dropped),
+            committed=committed,
+        )
+        if worked:
+            self.events.emit(
+                "aggregate",
+                round=r.n,
+                loss=loss,
+                tokens=tokens,
+                global_step=self.global_step,
+                sites=sorted(rep.site for rep in worked),  # the sites averaged
+                weights={rep.site: rep.tokens for rep in worked},
+                committed_rows=self.ledger.committed_rows,
+                total_rows=self.ledger.total_rows,
+            )
+        self.round = None
+        self._checkpoint()
+        self.runlog.log(
+            {
+                "round": r.n,
+                "t": self.clock.sim_now(),
+                "global_step": self.global_step,
+                "tokens": self.tokens,
+                "loss": loss,
+                "sites": len(sites),
+                "committed_rows": self.ledger.committed_rows,
+            }
+        )
+
+    # -- shutdown -----------------------------------------------------------------------------
+    def _shutdown(self, reason: str) -> None:
+        if self.round is not None:  # an error mid-round: nothing of it is committed
+            for site in self.round.pending():
+                self.sig.request_stop(site, f"run ended: {reason}", ttl_s=self.cfg.stop_ttl_s)
+                if self.ledger is not None:
+                    self.ledger.release(site)
+            self.round = None
+        for site in sorted(self.provisioned):
+            self._deprovision(site, f"run ended: {reason}")
+        self.provisioner.close()
+        self.events.emit(
+            "run_end",
+            reason=reason,
+            global_step=self.global_step,
+            tokens=self.tokens,
+            round=self.round_n,
+        )
+        _atomic_write(self.cfg.run_dir / "ledger.json", json.dumps(self.carbon.to_dict()))
+        self.events.export_csv()
+        self.runlog.close()
+
+
+def _resolve_home(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else _curtail_home() / p
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,407 @@
+"""Integration: the Flower app with REAL flower-superlink / flower-supernode processes and a
+real Valkey, a tiny nanochat GPT on CPU, driven by curtailment signals published here.
+
+The signal driver is reactive: it replays a two-site curtailment script whose phase
+boundaries wait for the run to reach them (a 2-core CI box is too noisy for fixed wall
+timings), while simulated time advances at a fixed speed-up:
+
+    PAUSE (both sites above threshold)
+    -> LOCAL      alpha curtailed: provisioned (emulated delay), trains alone
+    -> FEDERATED  beta curtailed when alpha's 2nd round starts: beta joins mid-round
+    -> LOCAL      alpha's window closes once it trained in a federated round: stop key,
+                  partial work counted, deprovisioned
+    -> the ServerApp is SIGKILLed while beta trains and started again: it resumes from the
+       checkpoint; beta's window then closes mid-round and the trace ends: the run stops and
+       every node is released
+
+Checks: the phases and join/leave happened, the loss fell, every data row was committed at
+most once and the committed ranges tile the ledger exactly, the restart resumed the global
+step/round/model, and nothing is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SPEEDUP = 60.0  # simulated seconds per wall second
+HIGH, LOW = 300.0, 40.0  # gCO2/kWh around the 100 threshold
+RUN = "itest"
+
+SITES = """
+[policy]
+name = "prototype"
+threshold = 100.0
+enter_dwell_s = 0
+release_delay_s = 0
+min_window_s = 0
+horizon_s = 600
+
+[[sites]]
+name = "alpha"
+region = "RA"
+gpus = 0
+train_kw = 2.0
+idle_kw = 0.5
+provision_delay_s = 60
+
+[[sites]]
+name = "beta"
+region = "RB"
+gpus = 0
+train_kw = 2.0
+idle_kw = 0.5
+provision_delay_s = 60
+"""
+
+PRESET = """
+[launch]
+sites = "{sites}"
+data_dir = "{data}"
+tokenizer_dir = "{tok}"
+runs_dir = "runs"
+
+[run]
+name = "{run}"
+provisioner = "subprocess"
+superlink = "127.0.0.1:{port}"
+round_min_s = 2700       # FEDERATED: 45 s wall (a TRAIN takes 10-30 s here to its first step)
+round_max_s = 3600       # LOCAL: 60 s wall
+join_min_s = 300         # join with >= 5 s wall of training left after the measured start-up
+reply_grace_s = 40       # wall
+poll_s = 0.3
+transfer_dtype = "fp32"
+outer = "nesterov"
+outer_lr = 1.0
+outer_momentum = 0.0     # lr 1, momentum 0: the outer step is FedAvg, through the Nesterov code
+chunks_per_assignment = 4
+wandb = "disabled"
+
+[train]
+depth = 2
+vocab_size = 1024
+sequence_len = 128
+device_batch_size = 4
+total_batch_size = 512
+num_iterations = 5000
+matrix_lr = 0.02
+warmdown_ratio = 0.0
+seed = 7
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class Driver(threading.Thread):
+    """Publishes meta and one tick per site every 0.25 s wall, with the current script MCI."""
+
+    def __init__(self, sig, sites: list[str]):
+        super().__init__(daemon=True)
+        self.sig, self.sites = sig, sites
+        self.mci = dict.fromkeys(sites, HIGH)
+        self.wall0, self.sim0 = time.time(), 1_717_200_000.0
+        self.halt = threading.Event()
+        sig.publish_meta(
+            sim_start=self.sim0,
+            wall_start=self.wall0,
+            speedup=SPEEDUP,
+            status="running",
+            sites=sites,
+            threshold=100.0,
+        )
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            t = self.sim0 + (time.time() - self.wall0) * SPEEDUP
+            states = {
+                s: {"mci": v, "curtailed": v < 100.0, "power_w": 0.0} for s, v in self.mci.items()
+            }
+            self.sig.publish_tick(
+                t, states, {s: [(t, v), (t + 600.0, v)] for s, v in self.mci.items()}
+            )
+            self.halt.wait(0.25)
+
+
+class Stack:
+    def __init__(self, tmp: Path, redis_url: str, tokenizer_dir: Path):
+        from nanochat.dataset import demo_texts, write_shards
+
+        self.tmp = tmp
+        self.home = tmp / "home"
+        data = self.home / "data"
+        # short documents: one document ~ one 128-token row, so little is cropped away
+        write_shards(
+            demo_texts(max_doc_chars=500)[:1200],
+            data,
+            shard_docs=400,
+            row_group_size=40,
+            val_fraction=0.05,
+        )
+        self.port = _free_port()
+        (tmp / "sites.toml").write_text(SITES)
+        self.preset = tmp / "preset.toml"
+        self.preset.write_text(
+            PRESET.format(
+                sites=tmp / "sites.toml", data=data, tok=tokenizer_dir, run=RUN, port=self.port
+            )
+        )
+        flwr_home = tmp / "flwr-home"
+        flwr_home.mkdir()
+        (flwr_home / "config.toml").write_text(
+            '[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        self.env = {
+            **os.environ,
+            "CURTAIL_REDIS_URL": redis_url,
+            "CURTAIL_HOME": str(self.home),
+            "FLWR_HOME": str(flwr_home),
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.run_dir = self.home / "runs" / RUN
+        self.cursor = 0  # events before this index were matched by earlier waits
+        self.logs = tmp / "logs"
+        self.logs.mkdir()
+        self.superlink = subprocess.Popen(
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            env=self.env,
+            cwd=tmp,
+            stdout=open(self.logs / "superlink.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.time() + 60
+        while socket.socket().connect_ex(("127.0.0.1", self.port)) != 0:
+            assert self.superlink.poll() is None, self.log("superlink")
+            assert time.time() < deadline, "SuperLink did not open its port"
+            time.sleep(0.2)
+
+    def log(self, name: str) -> str:
+        p = self.logs / f"{name}.log"
+        return p.read_text(errors="replace")[-4000:] if p.exists() else ""
+
+    def flwr_run(self) -> None:
+        out = subprocess.run(
+            [
+                str(BIN / "flwr"),
+                "run",
+                str(REPO),
+                "local-deployment",
+                "--run-config",
+                f"preset='{self.preset}'",
+            ],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    def events(self) -> list[dict]:
+        path = self.run_dir / "events.jsonl"
+        if not path.exists():
+            return []
+        lines = path.read_text().splitlines()
+        return [json.loads(x) for x in lines if x.strip().endswith("}")]
+
+    def wait(self, what: str, pred, timeout: float = 120.0) -> dict:
+        """The first event after the previous wait's match that satisfies ``pred``."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            events = self.events()
+            for i in range(self.cursor, len(events)):
+                if pred(events[i]):
+                    self.cursor = i + 1
+                    return events[i]
+            assert self.superlink.poll() is None, self.log("superlink")
+            time.sleep(0.3)
+        kinds = [(e["kind"], e.get("site"), e.get("round")) for e in self.events()]
+        raise AssertionError(
+            f"timed out waiting for {what}; events: {kinds[-40:]}\n"
+            f"superlink log:\n{self.log('superlink')}"
+        )
+
+    def wait_step(self, sig, site: str, round_n: int, timeout: float = 120.0) -> None:
+        """Until ``site`` has logged a training step in round ``round_n`` (logs:<site>)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(int(x.get("round", -1)) == round_n for x in sig.logs(site)):
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"{site} logged no step in round {round_n}")
+
+    def serverapps(self) -> list[int]:
+        from pilot.procs import descendants
+
+        return [p for p in descendants(self.superlink.pid) if "flwr-serverapp" in _cmdline(p)]
+
+    def supernodes(self) -> list[int]:
+        pids = []
+        for pidfile in self.run_dir.glob("nodes/*/supernode.pid"):
+            pid = int(pidfile.read_text().split()[0])
+            if "flower-supernode" in _cmdline(pid):
+                pids.append(pid)
+        return pids
+
+    def close(self) -> None:
+        from pilot.procs import descendants
+
+        for pid in self.supernodes():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        tree = descendants(self.superlink.pid)
+        for pid in [self.superlink.pid, *tree]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.superlink.wait(10)
+
+
+@pytest.fixture()
+def stack(tmp_path, redis_url, tokenizer_dir):
+    s = Stack(tmp_path, redis_url, tokenizer_dir)
+    try:
+        yield s
+    finally:
+        s.close()
+        shutil.rmtree(tmp_path / "home" / "data", ignore_errors=True)
+
+
+def _is(kind: str, **fields):
+    def pred(ev: dict) -> bool:
+        return ev["kind"] == kind and all(
+            (v(ev.get(k)) if callable(v) else ev.get(k) == v) for k, v in fields.items()
+        )
+
+    return pred
+
+
+@pytest.mark.timeout(600)
+def test_elastic_run_with_join_leave_and_restart(stack, redis_url):
+    from nanochat import checkpoint
+    from pilot.signals import Signals, connect
+
+    sig = Signals(connect(redis_url), RUN)
+    sig.clear()
+    driver = Driver(sig, ["alpha", "beta"])
+    driver.start()
+    try:
+        stack.flwr_run()
+        stack.wait("PAUSE", _is("mode", mode="PAUSE"), timeout=90)
+
+        driver.mci["alpha"] = LOW  # -> LOCAL
+        stack.wait("alpha's first LOCAL round", _is("aggregate", sites=["alpha"]), timeout=150)
+        r2 = stack.wait("alpha's next round", _is("round_start", sites=["alpha"]))
+        driver.mci["beta"] = LOW  # -> FEDERATED: beta joins alpha's running round
+        stack.wait("beta joins mid-round", _is("join", site="beta", round=r2["round"]))
+        stack.wait("a federated aggregate", _is("aggregate", sites=["alpha", "beta"]))
+        r3 = stack.wait("a federated round", _is("round_start", sites=["alpha", "beta"]))
+        stack.wait_step(sig, "alpha", r3["round"])
+        driver.mci["alpha"] = HIGH  # -> LOCAL: alpha leaves mid-round
+        stack.wait("alpha leaves", _is("leave", site="alpha", round=r3["round"]))
+        stack.wait(
+            "alpha's partial work averaged",
+            _is("aggregate", round=r3["round"], sites=lambda s: s and "alpha" in s),
+        )
+        r4 = stack.wait("beta alone", _is("round_start", sites=["beta"]))
+
+        # kill the ServerApp while beta trains, start it again: it resumes from the checkpoint
+        stack.wait_step(sig, "beta", r4["round"])
+        ckpt_meta = checkpoint.load(stack.run_dir / "checkpoint")[2]
+        pids = stack.serverapps()
+        assert pids, "no flwr-serverapp process found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        stack.flwr_run()
+        resumed = stack.wait("resumed run_start", _is("run_start", resumed=True))
+        r5 = stack.wait("a round after the restart", _is("round_start", sites=["beta"]))
+        stack.wait_step(sig, "beta", r5["round"])
+        driver.mci["beta"] = HIGH  # beta leaves too, the trace ends
+        after = stack.wait("the resumed round's aggregate", _is("aggregate", round=r5["round"]))
+        sig.publish_meta(status="done")
+        end = stack.wait("run_end", _is("run_end"))
+    finally:
+        driver.halt.set()
+
+    events = stack.events()
+    kinds = [e["kind"] for e in events]
+    # phases in order: PAUSE -> LOCAL -> FEDERATED -> LOCAL
+    modes = [e["mode"] for e in events if e["kind"] == "mode"]
+    seq = [m for i, m in enumerate(modes) if i == 0 or m != modes[i - 1]]
+    it = iter(seq)
+    assert all(m in it for m in ["PAUSE", "LOCAL", "FEDERATED", "LOCAL"]), seq
+    assert "join" in kinds and "leave" in kinds and "deprovision" in kinds
+
+    # loss falls (aggregated, work-weighted)
+    losses = [e["loss"] for e in events if e["kind"] == "aggregate"]
+    assert len(losses) >= 4 and losses[-1] < losses[0] - 0.3, losses
+
+    # resume: same global step and model, round numbers continue past the lost round
+    assert resumed["global_step"] == ckpt_meta["step"] > 0
+    assert resumed["round"] == ckpt_meta["round"] + 1 == r4["round"]
+    assert r5["round"] > r4["round"]
+    assert after["loss"] < losses[0] - 0.3, (after["loss"], losses)
+    assert end["reason"] == "trace_end"
+
+    # exactly once: committed row ranges never overlap and tile the final ledger exactly
+    final = checkpoint.load(stack.run_dir / "checkpoint")[2]["data_ledger"]["done"]
+    covered: dict[str, list[tuple[int, int]]] = {}
+    for e in events:
+        if e["kind"] == "round_end":
+            for ranges in e["committed"].values():
+                for key, (lo, hi) in ranges.items():
+                    covered.setdefault(key, []).append((lo, hi))
+    for key, done in final.items():
+        pos = 0
+        for lo, hi in sorted(covered.get(key, [])):
+            assert lo == pos, f"chunk {key}: gap or overlap at row {lo}, expected {pos}"
+            pos = hi
+        assert pos == done, (key, covered.get(key), done)
+    assert sum(final.values()) > 0
+
+    # energy accounting, reports' inputs, clean shutdown
+    assert any(e["kind"] == "train_interval" and e["site"] == "beta" for e in events)
+    assert (stack.run_dir / "events.csv").exists() and (stack.run_dir / "ledger.json").exists()
+    deadline = time.time() + 30
+    while stack.supernodes() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not stack.supernodes(), "SuperNodes left running after the run ended"

@@ -1,0 +1,174 @@
+"""MCI traces: each malformed input gives its specific error; interpolation; WattTime long
+files; the seeded synthetic generator and the CLI."""
+
+import numpy as np
+import pytest
+
+from pilot import traces as T
+from pilot.traces import TraceError, load_trace
+
+HEAD = "point_time,CAISO_NORTH,SPP_TX\n"
+
+
+def wide(tmp_path, rows: list[str], head: str = HEAD, name: str = "t.csv"):
+    p = tmp_path / name
+    p.write_text(head + "\n".join(rows) + "\n")
+    return p
+
+
+def ok_rows(n: int = 6) -> list[str]:
+    return [f"2024-06-01T00:{5 * i:02d}:00Z,{100 + i},{200 + 2 * i}" for i in range(n)]
+
+
+def test_wide_csv_loads_and_interpolates_linearly(tmp_path):
+    tr = load_trace(wide(tmp_path, ok_rows()))
+    assert tr.regions == ["CAISO_NORTH", "SPP_TX"] and tr.step == 300.0
+    t0 = T.parse_time("2024-06-01T00:00:00Z")
+    assert tr.at("CAISO_NORTH", t0 + 450) == pytest.approx(101.5)
+    ts = np.array([t0, t0 + 75, t0 + 1500])
+    np.testing.assert_allclose(tr.series("SPP_TX", ts), [200.0, 200.5, 210.0])
+    np.testing.assert_allclose(tr.series_all(ts)[1], tr.series("SPP_TX", ts))
+    with pytest.raises(TraceError, match="outside the trace"):
+        tr.at("SPP_TX", t0 - 1)
+
+
+def test_offsets_other_than_utc_are_converted(tmp_path):
+    rows = [f"2024-06-01T02:{5 * i:02d}:00+02:00,{100 + i},{200}" for i in range(3)]
+    tr = load_trace(wide(tmp_path, rows))
+    assert tr.start == T.parse_time("2024-06-01T00:00:00Z")
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (
+            lambda r: [r[0], r[2], r[1], *r[3:]],
+            "timestamps not sorted: row 4 \\(2024-06-01T00:05:00Z\\) comes before row 3",
+        ),
+        (lambda r: [r[0], r[1], r[1], *r[2:]], "duplicate timestamp 2024-06-01T00:05:00Z"),
+        (
+            lambda r: [r[0], r[1].replace(",101,", ",abc,"), *r[2:]],
+            "non-numeric value 'abc' in column 'CAISO_NORTH' row 3",
+        ),
+        (
+            lambda r: [x.replace("Z,", ",") for x in r],
+            "naive timestamp '2024-06-01T00:00:00' in row 2",
+        ),
+        (
+            lambda r: [r[0], *[x.rsplit(",", 1)[0] + "," for x in r[1:5]], r[5]],
+            "NaN gap of 1500 s in column 'SPP_TX'",
+        ),
+        (
+            lambda r: [r[0].replace(",100,", ",,"), *r[1:]],
+            "'CAISO_NORTH' starts with missing values",
+        ),
+    ],
+    ids=["unsorted", "duplicate", "non-numeric", "naive", "nan-gap", "nan-edge"],
+)
+def test_malformed_wide_csv_gives_specific_error(tmp_path, mutate, message):
+    p = wide(tmp_path, mutate(ok_rows()))
+    with pytest.raises(TraceError, match=message) as e:
+        load_trace(p)
+    assert str(p) in str(e.value)
+
+
+def test_short_nan_gap_is_filled_by_interpolation(tmp_path):
+    rows = ok_rows()
+    rows[2] = "2024-06-01T00:10:00Z,NaN,204"
+    tr = load_trace(wide(tmp_path, rows), max_gap_s=900)
+    assert tr.at("CAISO_NORTH", tr.times[2]) == pytest.approx(102.0)
+
+
+def test_missing_region_is_named(tmp_path):
+    with pytest.raises(
+        TraceError, match="region\\(s\\) NEM_SA missing; file has CAISO_NORTH, SPP_TX"
+    ):
+        load_trace(wide(tmp_path, ok_rows()), regions=["CAISO_NORTH", "NEM_SA"])
+
+
+def test_trace_too_short_for_the_requested_run(tmp_path):
+    tr = load_trace(wide(tmp_path, ok_rows()))
+    with pytest.raises(TraceError, match="too short for the requested run"):
+        tr.require(tr.start, tr.start + 48 * 3600)
+    with pytest.raises(TraceError, match="too short"):
+        load_trace(wide(tmp_path, ok_rows()), start=tr.start, end=tr.start + 3600)
+
+
+def test_watttime_long_files_convert_lbs_per_mwh_and_align(tmp_path):
+    a = tmp_path / "CAISO_NORTH.csv"
+    a.write_text(
+        "point_time,value\n"
+        + "".join(f"2024-06-01T00:{5 * i:02d}:00Z,{200 + i}\n" for i in range(6))
+    )
+    b = tmp_path / "b.csv"  # named explicitly, and starting 5 min later
+    b.write_text(
+        "point_time,value\n" + "".join(f"2024-06-01T00:{5 * i:02d}:00Z,1000\n" for i in range(1, 7))
+    )
+    tr = load_trace([str(a), f"NEM_SA={b}"])
+    assert tr.regions == ["CAISO_NORTH", "NEM_SA"]
+    assert tr.start == T.parse_time("2024-06-01T00:05:00Z") and len(tr.times) == 5
+    assert tr.at("NEM_SA", tr.start) == pytest.approx(453.592)
+    assert tr.at("CAISO_NORTH", tr.start) == pytest.approx(201 * 0.453592)
+    single = load_trace(a, units="g/kWh")  # one long file, region from its name
+    assert single.regions == ["CAISO_NORTH"] and single.values[0, 0] == 200.0
+
+
+def test_synthetic_is_seeded_realistic_and_dips_at_local_midday():
+    regions = ["CAISO_NORTH", "SPP_TX", "NEM_SA", "DE"]
+    a = T.synthetic(regions, 96, seed=1)
+    b = T.synthetic(regions, 96, seed=1)
+    np.testing.assert_array_equal(a.values, b.values)
+    assert not np.array_equal(a.values, T.synthetic(regions, 96, seed=2).values)
+    assert a.step == 300.0 and a.values.min() >= 20 and a.values.max() <= 900
+    for r in regions:
+        w = T.windows(a.times, a.row(r), 100.0)
+        assert len(w) >= 3, r
+        off = T.REGION_UTC_OFFSET_H[r]
+        for lo, hi in w:
+            mid_local_h = ((lo + hi) / 2 / 3600 + off) % 24
+            assert 9.5 <= mid_local_h <= 14.5, (r, mid_local_h)
+    with pytest.raises(TraceError, match="no UTC offset known for region\\(s\\) PJM"):
+        T.synthetic(["PJM"], 24, seed=1)
+    assert T.synthetic(["PJM"], 24, seed=1, utc_offsets={"PJM": -5}).regions == ["PJM"]
+
+
+def test_cli_synth_then_check_roundtrips(tmp_path, capsys):
+    out = tmp_path / "s.csv"
+    assert (
+        T.main(
+            [
+                "synth",
+                "--regions",
+                "CAISO_NORTH,NEM_SA",
+                "--hours",
+                "24",
+                "--seed",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    tr = load_trace(out)
+    ref = T.synthetic(["CAISO_NORTH", "NEM_SA"], 24, seed=3)
+    np.testing.assert_allclose(tr.values, ref.values, atol=0.006)
+    assert T.main(["check", str(out)]) == 0
+    assert "windows < 100" in capsys.readouterr().out
+
+
+def test_cli_check_reports_one_line_and_exit_code_2(tmp_path, capsys):
+    p = wide(tmp_path, [r.replace("Z,", ",") for r in ok_rows()])
+    assert T.main(["check", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "naive timestamp" in err and "\n" not in err
+
+
+def test_bundled_default_trace_is_valid():
+    from pathlib import Path
+
+    p = Path(__file__).resolve().parents[1] / "configs" / "traces" / "synthetic-3site.csv"
+    tr = load_trace(p)
+    assert tr.regions == ["CAISO_NORTH", "SPP_TX", "NEM_SA"]
+    assert tr.end - tr.start == 48 * 3600 and tr.step == 300
+    assert all(T.windows(tr.times, tr.row(r), 100.0) for r in tr.regions)
