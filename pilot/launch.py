@@ -497,13 +497,15 @@ class Outcome:
 
 
 def run_stack(plan: Plan, view: LiveView) -> Outcome:
+    """Bring the stack up, watch the run until it ends, tear everything down."""
+    import redis
+
     from pilot.redis_server import EmbeddedValkey
     from pilot.signals import Signals, connect
 
     logs = plan.run_dir / "logs"
     procs = ProcessSet(logs)
     valkey = None
-    outcome = Outcome("interrupted")
     try:
         # 1. Redis
         url = plan.redis_url
@@ -511,91 +513,83 @@ def run_stack(plan: Plan, view: LiveView) -> Outcome:
             # Its config file (holding the password) lives in a private temp dir, removed on stop.
             valkey = EmbeddedValkey(password=secrets.token_urlsafe(24)).start()
             url = valkey.url
-        sig = Signals(connect(url), plan.run_name)
+        # A clear error (URL redacted) if the server refuses us; then an empty namespace for
+        # the run, so nobody reads a past run's status or events under the same name.
+        Signals(connect(url), plan.run_name).clear()
+        # The view gets its own client without retries: a Redis that went away must not
+        # stall the watch loop or the teardown in connection back-off.
+        client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2)
+        sig = Signals(client, plan.run_name)
         view.attach(sig)
-        view.phase("redis ready")
+        view.phase("Redis ready")
 
-        # 2. energy simulation
-        env = child_env(url)
-        argv = [sys.executable, str(REPO / "energy_simulation.py"), "--trace", ",".join(plan.trace)]
-        argv += ["--sites", str(plan.sites), "--run", plan.run_name]
+        # 2. SuperLink, with a private FLWR_HOME
+        flwr_home = write_flwr_home(plan.run_dir / "flwr-home", plan.port)
+        env = child_env(url, FLWR_HOME=str(flwr_home))
+        argv = ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation"]
+        argv += ["--host", "127.0.0.1", "--port", str(plan.port)]
+        procs.start("superlink", argv, env=env, cwd=plan.run_dir)
+        wait_for(lambda: port_open(plan.port), 60, "the Flower SuperLink", procs)
+        view.phase(f"SuperLink on 127.0.0.1:{plan.port}")
+
+        # 3. the run; the ServerApp provisions SuperNodes itself
+        run_config = plan.run_dir / "run-config.toml"
+        run_config.write_text(
+            "".join(f"{k} = {toml_value(v)}\n" for k, v in plan.run_config.items())
+        )
+        argv = ["flwr", "run", str(REPO), CONNECTION, "--stream", "--run-config", str(run_config)]
+        flwr = procs.start("flwr-run", argv, env=env, cwd=REPO, critical=False)
+        run_log = logs / "flwr-run.log"
+        wait_for(
+            lambda: flwr_run_id(run_log) is not None or flwr.poll() is not None,
+            120,
+            "the Flower run",
+            procs,
+        )
+        run_id = flwr_run_id(run_log)
+        if run_id is None:
+            return Outcome("failed", f"flwr run could not start the run: {tail(run_log, 5)}")
+        view.phase(f"Flower run {run_id} started")
+
+        # 4. energy simulation. Started last on purpose: the ServerApp waits for its clock, so
+        # no simulated time passes unseen while Flower and the ServerApp are still starting.
+        argv = [sys.executable, str(REPO / "energy_simulation.py"), "--run", plan.run_name]
+        argv += ["--trace", ",".join(plan.trace), "--sites", str(plan.sites)]
         argv += ["--speedup", str(plan.speedup)]
         if "tick_s" in plan.launch:  # simulated seconds per signal tick
             argv += ["--step", str(int(plan.launch["tick_s"]))]
-        argv += ["--fresh"]  # the run's namespace starts empty: no stale status of a past run
         if plan.start:
             argv += ["--start", plan.start]
         if plan.hours:
             argv += ["--hours", str(plan.hours)]
         # It exits 0 at the end of the span; the ServerApp then ends the run ("trace_end").
-        procs.start("energy", argv, env=env, cwd=REPO, may_finish=True)
-        wait_for(lambda: sig.status() == "running", 60, "the energy simulation", procs)
-        view.phase("energy simulation running")
+        procs.start("energy", argv, env=child_env(url), cwd=REPO, may_finish=True)
+        wait_for(lambda: sig.status() is not None, 60, "the energy simulation", procs)
+        view.phase("running")
 
-        # 3. SuperLink
-        flwr_home = write_flwr_home(plan.run_dir / "flwr-home", plan.port)
-        env = child_env(url, FLWR_HOME=str(flwr_home))
-        procs.start(
-            "superlink",
-            [
-                "flower-superlink",
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(plan.port),
-            ],
-            env=env,
-            cwd=plan.run_dir,
-        )
-        wait_for(lambda: port_open(plan.port), 60, "the Flower SuperLink", procs)
-        view.phase(f"SuperLink on 127.0.0.1:{plan.port}")
-
-        # 4. the run (the ServerApp provisions SuperNodes itself)
-        run_config = plan.run_dir / "run-config.toml"
-        run_config.write_text(
-            "".join(f"{k} = {toml_value(v)}\n" for k, v in plan.run_config.items())
-        )
-        flwr = procs.start(
-            "flwr-run",
-            [
-                "flwr",
-                "run",
-                str(REPO),
-                CONNECTION,
-                "--stream",
-                "--run-config",
-                str(run_config),
-            ],
-            env=env,
-            cwd=REPO,
-            critical=False,
-        )
+        # 5. watch until `flwr run --stream` returns (the run has ended)
         deadline = time.monotonic() + plan.timeout if plan.timeout else None
         while flwr.poll() is None:
             procs.check()
             view.refresh()
             if deadline and time.monotonic() > deadline:
-                return Outcome("timeout", f"gave up after {plan.timeout:.0f} s (--timeout)")
+                return Outcome("timeout", f"gave up after {plan.timeout:.0f} s (--timeout)", run_id)
             time.sleep(0.5)
         view.refresh()
-        run_id = flwr_run_id(logs / "flwr-run.log")
-        status, detail = flwr_run_status(run_id, env) if run_id else ("failed", "no run started")
+        status, detail = flwr_run_status(run_id, env)
         if flwr.returncode != 0 and status == "completed":
             status, detail = "failed", f"flwr run exited with {flwr.returncode}"
-        outcome = Outcome(status, detail or tail(logs / "flwr-run.log"), run_id)
-        return outcome
+        return Outcome(status, detail, run_id)
     except ChildExited as e:
         return Outcome("failed", str(e))
     finally:
         # A second Ctrl-C must not cut the teardown short and leave processes behind.
         with signals_deferred():
+            view.detach()  # last look at Redis while it is still up
             view.phase("stopping")
             procs.close(timeout=float(plan.launch.get("stop_timeout_s", 10)))
             if valkey is not None:
                 valkey.stop()
-            view.detach()
 
 
 def toml_value(v: Any) -> str:

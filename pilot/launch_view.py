@@ -112,17 +112,7 @@ class RunState:
             self.global_step = ev.get("global_step", self.global_step)
             self.loss = ev.get("loss", self.loss)
             self.tokens += int(ev.get("tokens") or 0)
-        if kind in (
-            "mode",
-            "join",
-            "leave",
-            "round_start",
-            "aggregate",
-            "fault",
-            "run_end",
-            "provision_started",
-            "deprovision",
-        ):
+        if kind in NOTABLE:
             self.recent.append(describe(ev))
 
     def _stop_training(self, site: str, new: str) -> None:
@@ -186,18 +176,41 @@ def _float_or_str(v: str) -> float | str:
         return v
 
 
+# Events worth a line of their own (the rest only feed the state).
+NOTABLE = {
+    "run_start",
+    "mode",
+    "provision_started",
+    "provision_complete",
+    "deprovision",
+    "round_start",
+    "join",
+    "leave",
+    "aggregate",
+    "fault",
+    "run_end",
+    "energy_sim",
+}
+
+
 def describe(ev: dict) -> str:
     """One short line for an event."""
     kind, t = ev.get("kind", "?"), _hhmm(ev.get("t"))
     fields = {k: v for k, v in ev.items() if k not in ("kind", "t", "wall")}
-    if kind == "mode":
+    if kind == "energy_sim":  # published by the simulation itself, on the wall clock
+        return f"energy simulation {fields.get('status', '')}"
+    if kind == "run_start":
+        body = f"{fields.get('run')} policy {fields.get('policy')}" + (
+            " (resumed)" if fields.get("resumed") else ""
+        )
+    elif kind == "mode":
         body = f"{fields.get('mode')} train={','.join(fields.get('train', [])) or '-'}"
     elif kind == "aggregate":
         body = (
             f"round {fields.get('round')} step {fields.get('global_step')} "
             f"loss {_num(fields.get('loss'), '.3f')} sites {','.join(fields.get('sites', []))}"
         )
-    elif kind in ("join", "leave", "provision_started", "deprovision"):
+    elif kind in ("join", "leave", "provision_started", "provision_complete", "deprovision"):
         body = f"{fields.get('site')}" + (f" ({fields['reason']})" if fields.get("reason") else "")
     elif kind == "round_start":
         body = f"round {fields.get('round')} sites {','.join(fields.get('sites', []))}"
@@ -247,13 +260,14 @@ class LiveView:
         self.signals = signals
 
     def detach(self) -> None:
+        """Read Redis one last time, then never again (it is about to stop)."""
         self.refresh()
         self.signals = None
 
     # output
 
     def say(self, text: str) -> None:
-        self.console.print(text, markup=False)
+        self.console.print(text, markup=False, soft_wrap=True)  # logs: one line per message
 
     def phase(self, text: str) -> None:
         self.phase_text = text
@@ -282,7 +296,7 @@ class LiveView:
         for ev in sig.events(since=since):
             self._last_id = ev.pop("id")
             self.state.observe(ev)
-            if self._live is None:
+            if self._live is None and ev.get("kind") in NOTABLE:
                 self.say(describe(ev))
         meta = sig.meta() or {}
         names = self.state.sites or list(meta.get("sites", []))

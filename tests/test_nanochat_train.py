@@ -29,7 +29,7 @@ def tok(tokenizer_dir):
 
 
 def config(**kw):
-    base = dict(depth=2, vocab_size=1024, sequence_len=64, device_batch_size=8, total_batch_size=1024, num_iterations=40)
+    base = dict(depth=2, vocab_size=1024, sequence_len=64, device_batch_size=8, total_batch_size=512, num_iterations=30)
     return TrainConfig(**{**base, **kw})
 
 
@@ -40,18 +40,18 @@ def test_loss_falls_and_bpb_improves(tok, demo_data):
     bpb0 = evaluate_bpb(model, DataLoader(tok, demo_data, 8, 64, split="val"), token_bytes, steps=4)
     seen = []
     result = run(model, opts, DataLoader(tok, demo_data, 8, 64, loop=True), cfg, on_step=lambda *a: seen.append(a))
-    assert result.stopped_by == "steps" and result.steps == result.end_step == 40
-    assert result.tokens == 40 * 1024
+    assert result.stopped_by == "steps" and result.steps == result.end_step == 30
+    assert result.tokens == 30 * 512
     assert abs(result.losses[0] - math.log(1024)) < 0.1
     assert sum(result.losses[-5:]) / 5 < result.losses[0] - 1.5
-    assert [s[0] for s in seen] == list(range(1, 41)) and seen[-1][2] > 0  # step, loss, tok/s, lr
+    assert [s[0] for s in seen] == list(range(1, 31)) and seen[-1][2] > 0  # step, loss, tok/s, lr
     bpb1 = evaluate_bpb(model, DataLoader(tok, demo_data, 8, 64, split="val"), token_bytes, steps=4)
     assert bpb1 < bpb0 - 0.3
     assert sum(result.consumed.values()) == result.stats["docs"]
 
 
 def test_resume_from_checkpoint_is_exact(tok, demo_data, tmp_path):
-    cfg = config(num_iterations=8, warmdown_ratio=0.5, weight_decay=0.1)
+    cfg = config(num_iterations=6, total_batch_size=1024, warmdown_ratio=0.5, weight_decay=0.1)
     model, opts = build_model(cfg)
     straight = run(model, opts, DataLoader(tok, demo_data, 8, 64, loop=True), cfg)
 
@@ -64,20 +64,20 @@ def test_resume_from_checkpoint_is_exact(tok, demo_data, tmp_path):
     )
 
     model_state, optim_states, meta = checkpoint.load(tmp_path)
-    model, opts = build_model(config(num_iterations=8, warmdown_ratio=0.5, weight_decay=0.1, seed=7))
+    model, opts = build_model(config(seed=7))
     model.load_state_dict(model_state)
     for opt, state in zip(opts, optim_states, strict=True):
         opt.load_state_dict(state)
     checkpoint.set_rng_state(meta["rng"])
     loader = DataLoader(tok, demo_data, 8, 64, cursor=meta["cursor"])
     second = run(model, opts, loader, cfg, start_step=meta["step"])
-    assert second.start_step == 3 and second.end_step == 8
+    assert second.start_step == 3 and second.end_step == 6
     assert first.losses + second.losses == pytest.approx(straight.losses, abs=1e-5)
     assert second.cursor == straight.cursor and second.consumed == straight.consumed
 
 
 def test_stop_reasons(tok, demo_data):
-    cfg = config(total_batch_size=512)
+    cfg = config()
     model, opts = build_model(cfg)
     assert run(model, opts, DataLoader(tok, demo_data, 8, 64, loop=True), cfg, deadline=time.time()).stopped_by == "deadline"
     calls = iter([False, False, True])
