@@ -7,7 +7,8 @@ train 3 steps, save the inner optimizer state, encode and deflate the reply. It 
 
   start_to_first_step_s   process start -> first training step begins (imports included)
   last_step_to_reply_s    last step ends -> reply deflated into Flower's wire objects
-  bytes_fp32 / bytes_bf16 model bytes each way per round (transfer_dtype fp32 vs bf16)
+  bytes_fp32 / bytes_bf16 Flower wire bytes of the model, each way per round (transfer_dtype
+                          fp32 vs bf16; trained-like weights, so nothing deduplicates)
 
 Network and SuperLink queueing are not included (they depend on the deployment). A tiny
 demo corpus and tokenizer are built in a temp dir. Last line: the largest model's numbers.
@@ -101,13 +102,17 @@ def main() -> None:
     Tokenizer.train(texts, vocab_size=VOCAB).save(tok)
     chunks = [list(c) for c in chunk_table(data)][:4]
 
-    print("depth params_M start_to_first_step_s last_step_to_reply_s step_s "
-          "bytes_fp32 bytes_bf16 encode_fp32_s")
+    print(
+        "depth params_M start_to_first_step_s last_step_to_reply_s step_s "
+        "bytes_fp32 bytes_bf16 encode_fp32_s"
+    )
     last = ""
     for depth in args.depths:
         model = GPT(GPTConfig.from_depth(depth, VOCAB, SEQ))
         model.init_weights()
-        state = model.state_dict()
+        # nanochat zero-initialises some matrices and Flower stores identical array chunks
+        # once: perturb the weights as training would, or the byte counts flatter the wire
+        state = {k: v + 1e-3 * torch.randn_like(v) for k, v in model.state_dict().items()}
         params = sum(t.numel() for t in state.values())
         t0 = time.perf_counter()
         rec32 = encode_state(state, torch.float32)
@@ -117,24 +122,45 @@ def main() -> None:
         wire = tmp / f"wire-{depth}.pkl"
         with open(wire, "wb") as f:
             pickle.dump((rec32.object_id, objs), f)
-        train_config = {"depth": depth, "vocab_size": VOCAB, "sequence_len": SEQ,
-                        "device_batch_size": 2, "total_batch_size": 2 * SEQ,
-                        "num_iterations": 1000}
-        job = {"site": "bench", "run": f"bench-d{depth}", "round": 1, "global_step": 0,
-               "assignment": {"site": "bench", "chunks": chunks, "start_rows": {}},
-               "train_config": train_config, "data_dir": str(data),
-               "tokenizer_dir": str(tok), "state_dir": str(tmp / "state"), "max_steps": 3}
+        train_config = {
+            "depth": depth,
+            "vocab_size": VOCAB,
+            "sequence_len": SEQ,
+            "device_batch_size": 2,
+            "total_batch_size": 2 * SEQ,
+            "num_iterations": 1000,
+        }
+        job = {
+            "site": "bench",
+            "run": f"bench-d{depth}",
+            "round": 1,
+            "global_step": 0,
+            "assignment": {"site": "bench", "chunks": chunks, "start_rows": {}},
+            "train_config": train_config,
+            "data_dir": str(data),
+            "tokenizer_dir": str(tok),
+            "state_dir": str(tmp / "state"),
+            "max_steps": 3,
+        }
         spec = tmp / f"spec-{depth}.json"
         spec.write_text(json.dumps({"t_spawn": time.time(), "wire": str(wire), "job": job}))
-        out = subprocess.run([sys.executable, __file__, "--client", str(spec)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--client", str(spec)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         m = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{depth} {params / 1e6:.1f} {m['start_to_first_step_s']:.2f} "
-              f"{m['last_step_to_reply_s']:.2f} {m['step_s']:.3f} {b32} {b16} {t_enc:.2f}")
-        last = (f"depth={depth} params={params / 1e6:.1f}M "
-                f"start_to_first_step_s={m['start_to_first_step_s']:.2f} "
-                f"last_step_to_reply_s={m['last_step_to_reply_s']:.2f} "
-                f"bytes_fp32={b32} bytes_bf16={b16} bf16_ratio={b16 / b32:.3f}")
+        print(
+            f"{depth} {params / 1e6:.1f} {m['start_to_first_step_s']:.2f} "
+            f"{m['last_step_to_reply_s']:.2f} {m['step_s']:.3f} {b32} {b16} {t_enc:.2f}"
+        )
+        last = (
+            f"depth={depth} params={params / 1e6:.1f}M "
+            f"start_to_first_step_s={m['start_to_first_step_s']:.2f} "
+            f"last_step_to_reply_s={m['last_step_to_reply_s']:.2f} "
+            f"bytes_fp32={b32} bytes_bf16={b16} bf16_ratio={b16 / b32:.3f}"
+        )
     print(last)
 
 

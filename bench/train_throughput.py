@@ -31,7 +31,19 @@ class NaiveGPT(nn.Module):
         d, h = cfg.n_embd, cfg.n_head
         self.wte = nn.Embedding(cfg.vocab_size, d)
         self.layers = nn.ModuleList(
-            nn.ModuleDict({name: nn.Linear(i, o, bias=False) for name, i, o in [("q", d, d), ("k", d, d), ("v", d, d), ("proj", d, d), ("fc", d, 4 * d), ("out", 4 * d, d)]})
+            nn.ModuleDict(
+                {
+                    name: nn.Linear(i, o, bias=False)
+                    for name, i, o in [
+                        ("q", d, d),
+                        ("k", d, d),
+                        ("v", d, d),
+                        ("proj", d, d),
+                        ("fc", d, 4 * d),
+                        ("out", 4 * d, d),
+                    ]
+                }
+            )
             for _ in range(cfg.n_layer)
         )
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
@@ -110,16 +122,23 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(
-        depth=args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len,
-        device_batch_size=args.batch, total_batch_size=args.batch * args.seq_len,
+        depth=args.depth,
+        vocab_size=args.vocab_size,
+        sequence_len=args.seq_len,
+        device_batch_size=args.batch,
+        total_batch_size=args.batch * args.seq_len,
         num_iterations=args.warmup + args.steps,
     )
     ref = bench_reference(cfg, args.steps, args.warmup)
     ours = bench_ours(cfg, args.steps, args.warmup)
-    print(f"config: depth {args.depth}, vocab {args.vocab_size}, B={args.batch}, T={args.seq_len}, {args.threads} thread(s)")
+    print(
+        f"config: depth {args.depth}, vocab {args.vocab_size}, B={args.batch}, T={args.seq_len}, {args.threads} thread(s)"
+    )
     print(f"ours (SDPA + Muon/AdamW, nanochat.train.run): {ours:,.0f} tok/s")
     print(f"reference (naive attention + AdamW, plain loop): {ref:,.0f} tok/s")
-    print(f"ours_tok_s={ours:.0f} ref_tok_s={ref:.0f} ratio={ours / ref:.3f} threads={args.threads}")
+    print(
+        f"ours_tok_s={ours:.0f} ref_tok_s={ref:.0f} ratio={ours / ref:.3f} threads={args.threads}"
+    )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ def latest(directory: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, list[dict], dict]:
+def load(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[dict, list[dict], dict]:
     """(model_state, optim_states, meta) from a checkpoint file, or the latest one of a dir."""
     p = Path(path)
     if p.is_dir():

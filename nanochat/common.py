@@ -68,7 +68,10 @@ def device_setup(
         # CPU ranks on one machine share its cores.
         torch.set_num_threads(threads or max(1, DEFAULT_CPU_THREADS // world))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            device_id=dev if dev.type == "cuda" else None,
+        )
     if dev.type == "cuda":
         autocast_ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     else:

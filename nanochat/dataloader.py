@@ -58,7 +58,9 @@ class DataLoader:
             chunks = chunk_table(data_dir) if split == "train" else val_chunks(data_dir)
         self.chunks = [Chunk(*c) for i, c in enumerate(chunks) if i % world == rank]
         if not self.chunks:
-            raise DatasetError(f"rank {rank} of {world} has no chunks to read in {data_dir} ({len(chunks)} chunks)")
+            raise DatasetError(
+                f"rank {rank} of {world} has no chunks to read in {data_dir} ({len(chunks)} chunks)"
+            )
         self.start_rows = dict(start_rows or {})
         self.stats = {"docs": 0, "tokens": 0, "cropped_tokens": 0, "batches": 0}
         self._docs: list[list[int]] = []  # tokenised documents of the current chunk
@@ -116,7 +118,9 @@ class DataLoader:
             c = self.chunks[self.pos]
             texts = read_row_group(self.data_dir, c.shard, c.row_group)
             if len(texts) != c.rows:
-                raise DatasetError(f"chunk {chunk_key(c.shard, c.row_group)} has {len(texts)} rows, expected {c.rows}")
+                raise DatasetError(
+                    f"chunk {chunk_key(c.shard, c.row_group)} has {len(texts)} rows, expected {c.rows}"
+                )
             self._docs = self.tokenizer.encode(texts, prepend=self.tokenizer.bos_token_id)
             self._docs_chunk = (self.epoch, self.pos)
         doc = self._docs[self.row]

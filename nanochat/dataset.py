@@ -75,7 +75,9 @@ def open_shard(path: Path) -> pq.ParquetFile:
     try:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
-        raise DatasetError(f"{path}: not a readable parquet file ({e}); delete and rebuild it") from e
+        raise DatasetError(
+            f"{path}: not a readable parquet file ({e}); delete and rebuild it"
+        ) from e
     if "text" not in pf.schema_arrow.names:
         raise DatasetError(f"{path}: no `text` column (columns: {pf.schema_arrow.names})")
     return pf
@@ -87,14 +89,19 @@ def chunk_table(data_dir: str | Path) -> list[Chunk]:
     for path in list_shards(data_dir)[:-1]:
         meta = open_shard(path).metadata
         shard = shard_index(path)
-        chunks.extend(Chunk(shard, rg, meta.row_group(rg).num_rows) for rg in range(meta.num_row_groups))
+        chunks.extend(
+            Chunk(shard, rg, meta.row_group(rg).num_rows) for rg in range(meta.num_row_groups)
+        )
     return chunks
 
 
 def val_chunks(data_dir: str | Path) -> list[Chunk]:
     path = list_shards(data_dir)[-1]
     meta = open_shard(path).metadata
-    return [Chunk(shard_index(path), rg, meta.row_group(rg).num_rows) for rg in range(meta.num_row_groups)]
+    return [
+        Chunk(shard_index(path), rg, meta.row_group(rg).num_rows)
+        for rg in range(meta.num_row_groups)
+    ]
 
 
 def read_row_group(data_dir: str | Path, shard: int, row_group: int) -> list[str]:
@@ -104,7 +111,9 @@ def read_row_group(data_dir: str | Path, shard: int, row_group: int) -> list[str
     try:
         table = open_shard(path).read_row_group(row_group, columns=["text"])
     except (OSError, pa.ArrowException) as e:
-        raise DatasetError(f"{path}: row group {row_group} is unreadable ({e}); rebuild the shard") from e
+        raise DatasetError(
+            f"{path}: row group {row_group} is unreadable ({e}); rebuild the shard"
+        ) from e
     return table.column("text").to_pylist()
 
 
@@ -163,7 +172,9 @@ def texts_from_paths(paths: Iterable[str | Path], max_doc_chars: int = 4000) -> 
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES))
+            files.extend(
+                sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+            )
         elif p.is_file():
             files.append(p)
         else:
@@ -179,8 +190,18 @@ def texts_from_paths(paths: Iterable[str | Path], max_doc_chars: int = 4000) -> 
 
 # Modules whose import has side effects (GUI, browser, printing) or that are test suites.
 DEMO_SKIP = {
-    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3",
-    "ensurepip", "venv", "pydoc_data", "tests",
+    "antigravity",
+    "this",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "test",
+    "lib2to3",
+    "ensurepip",
+    "venv",
+    "pydoc_data",
+    "tests",
 }
 
 
@@ -217,7 +238,9 @@ def _module_docs(name: str) -> list[str]:
             docs.append(obj.__doc__)
         if inspect.isclass(obj):
             for attr, member in sorted(vars(obj).items()):
-                if not attr.startswith("_") and (inspect.isroutine(member) or isinstance(member, property)):
+                if not attr.startswith("_") and (
+                    inspect.isroutine(member) or isinstance(member, property)
+                ):
                     docs.append(getattr(member, "__doc__", None))
     return [inspect.cleandoc(d) for d in docs if isinstance(d, str) and d.strip()]
 
@@ -245,7 +268,9 @@ def demo_texts(max_doc_chars: int = 4000) -> list[str]:
 # ---------------------------------------------------------------------------- download
 
 
-def download_file(url: str, dest: Path, retries: int = 5, timeout: float = 60.0, backoff: float = 1.0) -> Path:
+def download_file(
+    url: str, dest: Path, retries: int = 5, timeout: float = 60.0, backoff: float = 1.0
+) -> Path:
     """Fetch url to dest: bytes go to dest.part, a retry resumes it with an HTTP Range request,
     and only a complete, readable parquet file is renamed (atomically) to dest."""
     if dest.exists():
@@ -258,7 +283,9 @@ def download_file(url: str, dest: Path, retries: int = 5, timeout: float = 60.0,
         have = part.stat().st_size if part.exists() else 0
         headers = {"User-Agent": "curtail-llm", **({"Range": f"bytes={have}-"} if have else {})}
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, headers=headers), timeout=timeout
+            ) as resp:
                 # 206 continues the part file; 200 means the server ignored Range: start over.
                 resumed = have and resp.status == 206
                 length = resp.headers.get("Content-Length")
@@ -268,7 +295,9 @@ def download_file(url: str, dest: Path, retries: int = 5, timeout: float = 60.0,
             # http.client returns short reads silently when a connection drops mid-body: keep
             # what arrived and resume it on the next attempt.
             if expected is not None and part.stat().st_size < expected:
-                last_error = OSError(f"connection closed after {part.stat().st_size} of {expected} bytes")
+                last_error = OSError(
+                    f"connection closed after {part.stat().st_size} of {expected} bytes"
+                )
                 continue
         except urllib.error.HTTPError as e:
             if e.code == 416 and have:  # nothing left to fetch: the part file is complete
@@ -292,7 +321,9 @@ def download_file(url: str, dest: Path, retries: int = 5, timeout: float = 60.0,
     raise DatasetError(f"{url}: download failed after {retries} attempts ({last_error})")
 
 
-def download(num: int, out_dir: str | Path, base_url: str = FINEWEB_BASE_URL, workers: int = 4, **kwargs) -> list[Path]:
+def download(
+    num: int, out_dir: str | Path, base_url: str = FINEWEB_BASE_URL, workers: int = 4, **kwargs
+) -> list[Path]:
     """Download shards 0..num-1 (the last one serves as validation) in parallel."""
     if num < 2:
         raise DatasetError(f"--num {num}: need at least 2 shards (training + validation)")
@@ -323,19 +354,25 @@ def summarize(data_dir: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nanochat.dataset", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m nanochat.dataset", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_text = sub.add_parser("from-text", help="shards from local text files or folders")
     p_text.add_argument("paths", nargs="+")
     p_demo = sub.add_parser("demo", help="offline demo corpus from Python's bundled docs")
     p_dl = sub.add_parser("download", help="FineWeb-EDU shards over HTTP (retries, resume)")
-    p_dl.add_argument("--num", type=int, required=True, help="number of shards; the last is validation")
+    p_dl.add_argument(
+        "--num", type=int, required=True, help="number of shards; the last is validation"
+    )
     p_dl.add_argument("--base-url", default=FINEWEB_BASE_URL)
     p_dl.add_argument("--workers", type=int, default=4)
     p_dl.add_argument("--retries", type=int, default=5)
     for p in (p_text, p_demo):
         p.add_argument("--shard-docs", type=int, default=160, help="documents per training shard")
-        p.add_argument("--row-group-size", type=int, default=32, help="documents per row group (chunk)")
+        p.add_argument(
+            "--row-group-size", type=int, default=32, help="documents per row group (chunk)"
+        )
         p.add_argument("--max-doc-chars", type=int, default=4000)
     for p in (p_text, p_demo, p_dl):
         p.add_argument("--out", required=True, help="data dir to write shards into")

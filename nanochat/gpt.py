@@ -192,7 +192,10 @@ class GPT(nn.Module):
         adamw = AdamW(
             [
                 {"params": list(self.lm_head.parameters()), "lr": unembedding_lr * dmodel_lr_scale},
-                {"params": list(self.transformer.wte.parameters()), "lr": embedding_lr * dmodel_lr_scale},
+                {
+                    "params": list(self.transformer.wte.parameters()),
+                    "lr": embedding_lr * dmodel_lr_scale,
+                },
             ],
             betas=(0.8, 0.95),
             eps=1e-10,
@@ -221,7 +224,9 @@ class GPT(nn.Module):
         are given (targets == -1 are ignored; loss_reduction="none" gives (B, T) losses)."""
         B, T = idx.size()
         if T > self.rotary_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_seq_len})")
+            raise ValueError(
+                f"sequence of {T} tokens exceeds the rotary table ({self.rotary_seq_len})"
+            )
         cos_sin = self.cos[:, :T], self.sin[:, :T]
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:

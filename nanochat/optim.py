@@ -85,7 +85,13 @@ class Muon(torch.optim.Optimizer):
         params = list(params)
         if any(p.ndim != 2 for p in params):
             raise ValueError("Muon only handles 2-D parameters; give vectors/embeddings to AdamW")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            weight_decay=weight_decay,
+        )
         # One group per matrix shape (sorted: group order must be the same in every process
         # for load_state_dict to line up).
         shapes = sorted({tuple(p.shape) for p in params})

@@ -30,9 +30,7 @@ SPECIAL_TOKENS = [
 
 # GPT-4's split pattern except numbers split into groups of at most 2 digits (nanochat: with
 # small vocabularies, fewer 3-digit number tokens is a better use of the budget).
-SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-)
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 RANKS_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.pt"
@@ -130,7 +128,9 @@ class Tokenizer:
     def load(cls, directory: str | Path) -> Tokenizer:
         path = Path(directory) / RANKS_FILE
         if not path.is_file():
-            raise TokenizerError(f"no tokenizer at {path}: train one with `python -m scripts.tok_train`")
+            raise TokenizerError(
+                f"no tokenizer at {path}: train one with `python -m scripts.tok_train`"
+            )
         payload = json.loads(path.read_text())
         if payload.get("special_tokens") != SPECIAL_TOKENS:
             raise TokenizerError(f"{path}: special tokens differ from this code's SPECIAL_TOKENS")

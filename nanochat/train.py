@@ -81,7 +81,9 @@ def build_model(
     cfg: TrainConfig, device: str | torch.device = "cpu"
 ) -> tuple[GPT, list[torch.optim.Optimizer]]:
     """A freshly initialised GPT for cfg (seeded by cfg.seed) and its [AdamW, Muon]."""
-    model_cfg = GPTConfig.from_depth(cfg.depth, vocab_size=cfg.vocab_size, sequence_len=cfg.sequence_len)
+    model_cfg = GPTConfig.from_depth(
+        cfg.depth, vocab_size=cfg.vocab_size, sequence_len=cfg.sequence_len
+    )
     torch.manual_seed(cfg.seed)
     with torch.device("meta"):  # allocate once, on the target device, then initialise there
         model = GPT(model_cfg)
@@ -161,7 +163,8 @@ def run(
     ddp: bool | None = None,
     autocast_ctx=None,
 ) -> TrainResult:
-    """Train from global step start_step until one of: max_steps steps taken ("steps"), the
+    """Train from global step start_step until one of: the schedule's end (cfg.num_iterations)
+    or max_steps steps taken ("steps"), the
     next step would end after the wall-clock deadline (epoch seconds, "deadline"), should_stop()
     returns True ("stop"), or the loader is exhausted ("data"). With ddp (default: whether a
     process group exists) gradients are averaged by the optimizers, the stop decision is taken
@@ -184,7 +187,7 @@ def run(
     while True:
         # Decide locally, then agree: the highest-priority reason of any rank wins.
         code = 0
-        if max_steps is not None and step - start_step >= max_steps:
+        if step >= cfg.num_iterations or (max_steps is not None and step - start_step >= max_steps):
             code = 4
         elif deadline is not None and time.time() + last_step_s > deadline:
             code = 3

@@ -702,9 +702,17 @@ def main(argv: list[str] | None = None) -> int:
             f"run {outcome.status} after {time.monotonic() - t0:.0f} s"
             + (f": {outcome.detail}" if outcome.detail and outcome.status != "completed" else "")
         )
-        if outcome.status == "completed":
-            return 0 if make_report(plan, say) else 1
-        return 1
+        # A failed or timed-out run still gets a report of what it did (its run_end event, if
+        # any, says why it ended).
+        if (plan.run_dir / "events.jsonl").exists():
+            reported = make_report(plan, say)
+        else:
+            say(f"no events were recorded in {plan.run_dir}: nothing to report")
+            reported = False
+        if outcome.status != "completed":
+            say(f"the run did not complete; logs of every process are in {plan.run_dir / 'logs'}")
+            return 1
+        return 0 if reported else 1
     except (KeyboardInterrupt, Interrupted):
         print("curtail-llm: interrupted; everything it started has been stopped", file=sys.stderr)
         return 130

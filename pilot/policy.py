@@ -56,7 +56,11 @@ class PolicyConfig:
     threshold: float = 100.0  # gCO2/kWh
     enter_dwell_s: float = 0.0
     release_delay_s: float = 600.0
-    min_window_s: float = 900.0  # useful (ready) window time worth a provisioning cycle
+    # useful (ready) window time worth a provisioning cycle. With pre-provisioning a window
+    # costs exactly one boot (delay x idle_kw: 240 s, 0.03 kWh for the paper sites); 480 s =
+    # twice the paper boot keeps the 8-15 min wind dips and skips the shorter ones, whose boots
+    # would cost more provisioning energy than the prototype wastes (tests/test_simulate.py)
+    min_window_s: float = 480.0
     horizon_s: float = 3600.0  # forecast look-ahead the policy asks for
     use_forecast: bool = True  # pre-provision and skip short windows from the forecast
     zero_delay: bool = False  # oracle: provisioning is instantaneous, train = in window
@@ -169,6 +173,7 @@ class Outlook:
     now_value: float  # forecast at now (to check it agrees with the measured present)
     t_open: float  # first instant >= now with forecast < threshold (inf: none in horizon)
     t_close: float  # first instant > t_open with forecast >= threshold (inf: beyond horizon)
+    t_up: float = math.inf  # first rise >= threshold after t_open, short blips not merged
 
 
 def outlook(
@@ -180,7 +185,7 @@ def outlook(
     ``release_s`` does not end the window (the hysteresis would hold it open anyway)."""
     if not fc:
         return None
-    t_open = up = math.inf
+    t_open = up = t_up = math.inf
     t_prev, v_prev = fc[0]
     if v_prev < threshold:
         t_open = t_prev
@@ -191,13 +196,14 @@ def outlook(
         elif up == math.inf:
             if v_prev < threshold <= v:
                 up = t_prev + (threshold - v_prev) / (v - v_prev) * (t - t_prev)
+                t_up = min(t_up, up)
         elif v_prev >= threshold > v:
             down = t_prev + (v_prev - threshold) / (v_prev - v) * (t - t_prev)
             if down - up >= release_s:
                 break  # a long enough gap: the window really ends at ``up``
             up = math.inf  # a short blip above: the window goes on
         t_prev, v_prev = t, v
-    return Outlook(fc[0][1], t_open, up)
+    return Outlook(fc[0][1], t_open, up, t_up)
 
 
 # ----------------------------------------------------------------------------- step policy
@@ -210,6 +216,8 @@ class SiteState:
     above_since: float | None = None  # first tick of the current run at/above threshold
     entered_at: float | None = None
     provisioned: bool = False  # our previous provision decision
+    hold: bool = False  # the plain hysteresis window (no early release): claims are made in it
+    pred_close: float | None = None  # window end forecast at the last tick below the threshold
     pre_open: float | None = None  # predicted opening that triggered pre-provisioning
     missed: bool = False  # a predicted window did not come: no pre-provisioning until a real one
     skip_close: float | None = None  # predicted end of a window we skipped as too short
@@ -247,23 +255,30 @@ class Policy:
             st = self.state.setdefault(site, SiteState())
             m = mci.get(site, math.inf)
             d = self.delay(site)
-            # 1. hysteresis on the measured signal
-            if m < thr:
-                st.above_since = None
-                st.below_since = now if st.below_since is None else st.below_since
-                if not st.in_window and now - st.below_since >= cfg.enter_dwell_s:
-                    st.in_window, st.entered_at = True, now
-                    st.pre_open, st.missed, st.skip_close = None, False, None
-            else:
-                st.below_since = None
-                st.above_since = now if st.above_since is None else st.above_since
-                if st.in_window and now - st.above_since >= cfg.release_delay_s:
-                    st.in_window = False
             ol = (
                 outlook(forecast.get(site, []), thr, cfg.release_delay_s)
                 if cfg.use_forecast
                 else None
             )
+            early = False
+            # 1. hysteresis on the measured signal
+            if m < thr:
+                st.above_since = None
+                st.below_since = now if st.below_since is None else st.below_since
+                # what the forecast, agreeing with the present, says about this window's end
+                st.pred_close = ol.t_up if ol is not None and ol.now_value < thr else math.inf
+                if now - st.below_since >= cfg.enter_dwell_s:
+                    st.hold = True
+                    if not st.in_window:
+                        st.in_window, st.entered_at = True, now
+                        st.pre_open, st.missed, st.skip_close = None, False, None
+            else:
+                st.below_since = None
+                st.above_since = now if st.above_since is None else st.above_since
+                if now - st.above_since >= cfg.release_delay_s:
+                    st.hold = st.in_window = False
+                elif st.in_window and _early_release(ol, st, now, thr, cfg.release_delay_s, d):
+                    st.in_window, early = False, True
             # 2. provisioning
             if st.in_window:
                 why = (
@@ -302,7 +317,10 @@ class Policy:
                 else:
                     want, st.pre_open = False, None
                     why = (
-                        f"no window (MCI {m:.0f} >= {thr:g})"
+                        "window over: the forecast, right about its end, sees no reopening "
+                        f"within {max(cfg.release_delay_s, d):.0f} s"
+                        if early
+                        else f"no window (MCI {m:.0f} >= {thr:g})"
                         if not st.missed
                         else "no window (forecast missed, waiting for a real one)"
                     )
@@ -317,13 +335,48 @@ class Policy:
         return Decision(provision, train, Mode.of(len(train)), reasons)
 
 
+def _too_late_next_tick(lead: float, delay: float, dt: float) -> bool:
+    """Pre-provision now? The window opens ``lead`` s from now and is seen open at the first
+    tick at or after that, ``ceil(lead / dt)`` ticks ahead (ticks every ``dt`` s). Start now iff
+    provisioning started at the next tick would not be ready by that tick: as late as
+    possible, ready AT the window's first tick (``lead <= delay`` on a grid that divides the
+    delay; up to one tick earlier otherwise). ``dt`` 0 (first tick): ``lead <= delay``."""
+    if dt <= 0.0 or lead > delay + dt:
+        return lead <= delay
+    return math.ceil(lead / dt) * dt < delay + dt
+
+
 def _useful(ol: Outlook, now: float, delay: float, dt: float, min_window_s: float) -> bool:
     """Provisioning now is useful if a predicted window opens before provisioning started at
-    the next tick could finish, and it extends beyond the horizon or leaves at least
+    the next tick could be ready for it, and it extends beyond the horizon or leaves at least
     ``min_window_s`` of ready time once provisioning (started now) has finished."""
-    if ol.t_open - now > delay + dt:
+    if not _too_late_next_tick(ol.t_open - now, delay, dt):
         return False
     return ol.t_close == math.inf or ol.t_close - max(now + delay, ol.t_open) >= min_window_s
+
+
+def _early_release(
+    ol: Outlook | None, st: SiteState, now: float, thr: float, release_s: float, delay: float
+) -> bool:
+    """Leave a window now rather than after the release hold: MCI is above the threshold (the
+    caller checks), the forecast agrees, and it predicts no reopening within the provisioning
+    delay, so pre-provisioning can bring the site back ready for the next window (if worth it):
+    one boot (idle_kw x delay) instead of training through the gap at train_kw above the
+    threshold. Reopenings sooner than that are trained through (the hysteresis).
+
+    Only a forecaster proven right on this very window may do so: its forecast at the last tick
+    below the threshold must have put the window's end at or before the first tick above it. A
+    persistence forecast never does (it holds "below"), nor one that saw the rise as a short
+    blip, so a signal flickering around the threshold keeps the hysteresis."""
+    return (
+        ol is not None
+        and st.hold
+        and ol.now_value >= thr
+        and ol.t_open - now > delay
+        and st.pred_close is not None
+        and st.above_since is not None
+        and st.pred_close <= st.above_since
+    )
 
 
 def policy_config(sites_config: SitesConfig, name: str | None = None) -> PolicyConfig:
@@ -356,6 +409,7 @@ class ForecastArrays:
     now_value: np.ndarray  # (S, K)
     t_open: np.ndarray  # (S, K), inf = no window within the horizon
     t_close: np.ndarray  # (S, K), inf = beyond the horizon
+    t_up: np.ndarray | None = None  # (S, K) Outlook.t_up; None: t_close
 
 
 def forecast_arrays(
@@ -377,10 +431,10 @@ def forecast_arrays(
     if fc.kind == "persistence":
         cur = trace.series_all(ticks, regions) if mci is None else mci
         t_open = np.where(cur < threshold, ticks[None, :], np.inf)
-        return ForecastArrays(cur.copy(), t_open, np.full((S, K), np.inf))
+        return ForecastArrays(cur.copy(), t_open, np.full((S, K), np.inf), np.full((S, K), np.inf))
     g_times = trace.times + fc.shift_s
     avail = (ticks >= g_times[0]) & (ticks <= g_times[-1])
-    out = ForecastArrays(np.full((S, K), np.nan), np.full((S, K), np.inf), np.full((S, K), np.inf))
+    out = ForecastArrays(*(np.full((S, K), v) for v in (np.nan, np.inf, np.inf, np.inf)))
     if not avail.any():
         return out
     tk = ticks[avail]
@@ -435,7 +489,10 @@ def forecast_arrays(
     t_close = _take(up_t, np.minimum(_take(nul, first_up), unseen))
     t_open = np.where(t_open <= h_end[None, :], t_open, np.inf)
     t_close = np.where(np.isfinite(t_open) & (t_close <= h_end[None, :]), t_close, np.inf)
+    t_up = _take(up_t, first_up)
+    t_up = np.where(np.isfinite(t_open) & (t_up <= h_end[None, :]), t_up, np.inf)
     out.now_value[:, avail], out.t_open[:, avail], out.t_close[:, avail] = now_v, t_open, t_close
+    out.t_up[:, avail] = t_up
     return out
 
 
@@ -449,6 +506,8 @@ class BatchState:
     """Per-site policy + provisioning state carried between ``simulate_batch`` chunks."""
 
     in_window: np.ndarray
+    hold: np.ndarray  # plain hysteresis window (no early release)
+    pred_close: np.ndarray  # window end forecast at the last tick below (NaN: none yet)
     below_since: np.ndarray
     above_since: np.ndarray
     provisioned: np.ndarray
@@ -462,7 +521,7 @@ class BatchState:
     def new(cls, S: int) -> BatchState:
         nan = lambda: np.full(S, np.nan)  # noqa: E731
         false = lambda: np.zeros(S, dtype=bool)  # noqa: E731
-        return cls(false(), nan(), nan(), false(), nan(), nan(), false(), nan())
+        return cls(false(), false(), nan(), nan(), nan(), false(), nan(), nan(), false(), nan())
 
 
 @dataclass
@@ -478,12 +537,20 @@ class BatchResult:
         return self.train.sum(axis=0)
 
 
+def _latch(set_: np.ndarray, reset: np.ndarray, init: np.ndarray) -> np.ndarray:
+    """(K, S) set/reset latch: the state is that of the latest set or reset event (set wins a
+    tie), ``init`` before the first one."""
+    k_idx = np.arange(set_.shape[0])[:, None]
+    ev_k = np.maximum.accumulate(np.where(set_ | reset, k_idx, -1), axis=0)
+    return np.where(ev_k >= 0, np.take_along_axis(set_, np.maximum(ev_k, 0), axis=0), init[None, :])
+
+
 def _hysteresis(
     cfg: PolicyConfig, ticks: np.ndarray, below: np.ndarray, st: BatchState
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Window state for all (K ticks, S sites) at once: the hysteresis depends on the measured
-    signal only, so it needs no loop. Returns (in_window, entered, below_since, above_since)
-    where ``entered`` marks the ticks a window opens; the last row continues the state."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Plain hysteresis for all (K ticks, S sites) at once: it depends on the measured signal
+    only, so it needs no loop. Returns (hold, enter_ok, leave_ok, below_since, above_since):
+    the window without early release, and the ticks that open / close a window."""
     K, S = below.shape
     k_idx = np.arange(K)[:, None]
     fresh = np.isnan(st.below_since) & np.isnan(st.above_since)
@@ -498,13 +565,7 @@ def _hysteresis(
     with np.errstate(invalid="ignore"):
         enter_ok = below & (ticks[:, None] - bs >= cfg.enter_dwell_s)
         leave_ok = ~below & (ticks[:, None] - ab >= cfg.release_delay_s)
-    # a set/reset latch: the window state is that of the latest enter/leave event
-    ev_k = np.maximum.accumulate(np.where(enter_ok | leave_ok, k_idx, -1), axis=0)
-    inw = np.where(
-        ev_k >= 0, np.take_along_axis(enter_ok, np.maximum(ev_k, 0), axis=0), st.in_window[None, :]
-    )
-    entered = inw & ~np.vstack([st.in_window[None, :], inw[:-1]])
-    return inw, entered, bs, ab
+    return _latch(enter_ok, leave_ok, st.hold), enter_ok, leave_ok, bs, ab
 
 
 def simulate_batch(
@@ -528,17 +589,39 @@ def simulate_batch(
     st = state or BatchState.new(S)
     ticks = np.asarray(ticks, dtype=np.float64)
     below = np.ascontiguousarray(mci.T < thr)  # (K, S): one contiguous row per tick
-    INW, ENTER, BS, AB = _hysteresis(cfg, ticks, below, st)
+    HOLD, enter_ok, leave_ok, BS, AB = _hysteresis(cfg, ticks, below, st)
     use_fc = fc is not None and cfg.use_forecast
+    pred_close_end = st.pred_close
     if use_fc:
-        fnow, t_open, t_close = (
-            np.ascontiguousarray(a.T) for a in (fc.now_value, fc.t_open, fc.t_close)
+        fnow, t_open, t_close, t_up = (
+            np.ascontiguousarray(a.T)
+            for a in (
+                fc.now_value,
+                fc.t_open,
+                fc.t_close,
+                fc.t_close if fc.t_up is None else fc.t_up,
+            )
         )
         last0 = ticks[0] if math.isnan(st.last_now) else st.last_now
         dts = np.maximum(0.0, np.diff(ticks, prepend=last0))[:, None]
         has = ~np.isnan(fnow)
+        lead = t_open - ticks[:, None]
+        # early release (_early_release): the window end forecast at the last tick below ...
         with np.errstate(invalid="ignore"):
-            useful = (t_open - ticks[:, None] <= d + dts) & (
+            pc = np.where(has & (fnow < thr), t_up, np.inf)
+        k_idx = np.arange(K)[:, None]
+        lb = np.maximum.accumulate(np.where(below, k_idx, -1), axis=0)
+        pred_close = np.where(lb >= 0, _take(pc.T, np.maximum(lb, 0).T).T, st.pred_close[None, :])
+        if K:
+            pred_close_end = pred_close[-1]
+        with np.errstate(invalid="ignore"):
+            # ... at or before the first tick above, and no reopening within the hold
+            early = HOLD & ~below & has & (fnow >= thr) & (lead > d) & (pred_close <= AB)
+        INW = _latch(enter_ok, leave_ok | early, st.in_window)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # _too_late_next_tick: ready by the first tick at/after the opening
+            late = np.where(dts > 0, np.ceil(lead / dts) * dts < d + dts, lead <= d)
+            useful = late & (
                 np.isinf(t_close)
                 | (t_close - np.maximum(ticks[:, None] + d, t_open) >= cfg.min_window_s)
             )
@@ -546,6 +629,9 @@ def simulate_batch(
             # (below or above) that calls the (remaining or next) window not worth it
             skip_base = has & ((fnow < thr) == below) & ~useful
         pre_base = has & useful
+    else:
+        INW = _latch(enter_ok, leave_ok, st.in_window)
+    ENTER = INW & ~np.vstack([st.in_window[None, :], INW[:-1]])
     P = np.zeros((K, S), dtype=bool)
     T = np.zeros((K, S), dtype=bool)
     R = np.zeros((K, S), dtype=bool)
@@ -581,8 +667,10 @@ def simulate_batch(
     np.seterr(**errstate)
     last = float(ticks[-1]) if K else st.last_now
     if K:
-        inw_end, bs_end, ab_end = INW[-1], BS[-1], AB[-1]
+        inw_end, hold_end, bs_end, ab_end = INW[-1], HOLD[-1], BS[-1], AB[-1]
     else:
-        inw_end, bs_end, ab_end = st.in_window, st.below_since, st.above_since
-    new = BatchState(inw_end, bs_end, ab_end, prov, ps, pre, missed, skc, last)
+        inw_end, hold_end, bs_end, ab_end = st.in_window, st.hold, st.below_since, st.above_since
+    new = BatchState(
+        inw_end, hold_end, pred_close_end, bs_end, ab_end, prov, ps, pre, missed, skc, last
+    )
     return BatchResult(P.T, T.T, R.T, new)

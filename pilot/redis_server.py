@@ -62,7 +62,14 @@ class EmbeddedValkey:
                 "daemonize no\nloglevel warning\n"
             )
             log = open(self.dir / "valkey.log", "ab")
-            self.proc = subprocess.Popen([binary, str(conf)], stdout=log, stderr=log, cwd=self.dir)
+            self.proc = subprocess.Popen(
+                [binary, str(conf)],
+                stdout=log,
+                stderr=log,
+                cwd=self.dir,
+                # own session: a terminal Ctrl-C must not kill Redis before an ordered teardown
+                start_new_session=True,
+            )
             log.close()
             ok, last_error = self._wait_ready()
             if ok:

@@ -38,6 +38,9 @@ POWER_STATES = ("off", "idle", "train")
 RUN_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+SOCKET_TIMEOUT_S = 60.0  # blocking reads (XREAD BLOCK) must stay well below this
+
+
 def redact(url: str | None) -> str:
     """The URL with its password (and user) masked, safe to print or log."""
     if not url:
@@ -56,7 +59,14 @@ def connect(
     if not url:
         raise ValueError(f"no Redis URL: set {ENV_URL} (e.g. redis://:PASSWORD@127.0.0.1:6379/0)")
     retry = Retry(ExponentialBackoff(cap=max_backoff, base=backoff), retries)
-    opts = dict(decode_responses=True, socket_connect_timeout=5, socket_keepalive=True)
+    # redis-py 8 times reads out after 5 s by default, which would cut blocking XREADs short:
+    # keep the read timeout well above the longest block any caller asks for.
+    opts = dict(
+        decode_responses=True,
+        socket_connect_timeout=5,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_keepalive=True,
+    )
     # first contact by hand: redis-py would also retry a wrong password (AuthenticationError
     # is a ConnectionError), which must fail at once
     probe = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **opts)

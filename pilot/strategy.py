@@ -591,12 +591,8 @@ class ElasticStrategy:
     def _provision(self, decision) -> None:
         status = self.provisioner.status()
         for site in sorted(self.provisioned):
-            if status.get(site, "").startswith("failed"):  # its SuperNode died: replace it
-                self.events.emit(
-                    "fault", error=f"node of {site} {status[site]}; restarting", site=site
-                )
-                self.provisioner.stop(site, drain=False)
-                self.provisioner.start(site)
+            if status.get(site, "").startswith("failed"):
+                self._replace_node(site, status[site])
         for site in sorted(decision.provision - self.provisioned):
             reason = decision.reasons.get(site, "")
             self.events.emit("provision_decided", site=site, reason=reason)
@@ -615,6 +611,24 @@ class ElasticStrategy:
                 self._request_leave(site, reason)  # deprovisioned when its reply is in
             else:
                 self._deprovision(site, reason)
+
+    def _replace_node(self, site: str, state: str) -> None:
+        """The site's SuperNode process died: drop its work in flight at once (no need to
+        wait out the reply grace for a death we saw) and start a new node."""
+        why = f"SuperNode of {site} {state}; restarting it"
+        if self.round is not None and site in self.round.pending():
+            self._drop(site, why)
+        else:
+            self.events.emit("fault", error=why, site=site)
+        # the dead node's id may linger on the Grid until its heartbeat expires: no more
+        # work for it; the new node is mapped by its QUERY reply
+        stale = self.site_node.pop(site, None)
+        if stale is not None:
+            self.node_site.pop(stale, None)
+        self.complete.discard(site)
+        self.provisioner.stop(site, drain=False)
+        if site in self.provisioned:  # _drop may have deprovisioned a leaving site
+            self.provisioner.start(site)
 
     def _request_leave(self, site: str, reason: str) -> None:
         assert self.round is not None

@@ -41,6 +41,14 @@ SYNTH_LOW_FRAC = 0.45  # the dip bottoms out at ~45% of the threshold on a clear
 SYNTH_WIND_G = 45.0  # amplitude of slow wind swings
 SYNTH_NOISE_G = 6.0  # short-term noise: makes the signal flicker near the threshold
 SYNTH_RANGE = (20.0, 900.0)
+# Wind gusts: a burst of wind pushes a renewable unit onto the margin for minutes, so MCI drops
+# below the threshold briefly at any hour (clusters of 1-3 dips of 5-15 minutes, 10-20 minutes
+# apart: short windows and flicker around the threshold), SYNTH_GUSTS_PER_DAY bursts per
+# region-day on average (Poisson), each dip down to 40-95% of the threshold.
+SYNTH_GUSTS_PER_DAY = 3.0
+SYNTH_GUST_DIP_S = (300.0, 900.0)
+SYNTH_GUST_PERIOD_S = (600.0, 1200.0)
+SYNTH_GUST_LEVEL_FRAC = (0.4, 0.95)
 SYNTH_START = "2024-06-01T00:00:00Z"
 
 
@@ -401,10 +409,15 @@ def synthetic(
     step_s: float = 300.0,
     threshold: float = 100.0,
     utc_offsets: dict[str, float] | None = None,
+    gusts: bool = True,
 ) -> Trace:
     """Seeded synthetic MCI: a diurnal solar dip below ``threshold`` around each region's local
     midday (depth varies day to day: some days are cloudy), slow wind swings and short-term
-    noise, clipped to a realistic 20..900 g/kWh. Vectorised over regions and time."""
+    noise, clipped to a realistic 20..900 g/kWh, and (``gusts``) wind gusts: short dips below
+    the threshold at any hour, some in flickering clusters (see SYNTH_GUST_*). Vectorised over
+    regions and time. The gusts draw from their own random stream: ``gusts=False`` gives the
+    smooth trace of the same seed (the bundled configs/traces/synthetic-3site.csv is seed 1
+    without gusts)."""
     offsets = {**REGION_UTC_OFFSET_H, **(utc_offsets or {})}
     unknown = [r for r in regions if r not in offsets]
     if unknown:
@@ -439,7 +452,38 @@ def synthetic(
     # short-term noise, lightly smoothed (3-sample moving average)
     noise = rng.normal(0.0, SYNTH_NOISE_G * math.sqrt(3), (R, n + 2))
     mci += (noise[:, :-2] + noise[:, 1:-1] + noise[:, 2:]) / 3.0
-    return Trace(times, list(regions), np.clip(mci, *SYNTH_RANGE))
+    mci = np.clip(mci, *SYNTH_RANGE)
+    if gusts:
+        mci = np.minimum(mci, _gust_levels(np.random.default_rng([seed, 1]), R, times, threshold))
+    return Trace(times, list(regions), mci)
+
+
+def _gust_levels(
+    rng: np.random.Generator, R: int, times: np.ndarray, threshold: float
+) -> np.ndarray:
+    """(R, n) MCI ceilings from wind gusts (inf where none): per region a Poisson number of
+    bursts at uniform times, each 1-3 dips; a dip covers at least one sample."""
+    n, step = times.size, float(times[1] - times[0]) if times.size > 1 else 300.0
+    out = np.full((R, n), np.inf)
+    span = float(times[-1] - times[0])
+    counts = rng.poisson(SYNTH_GUSTS_PER_DAY * span / 86400.0, R)
+    E = int(counts.sum())
+    if E == 0:
+        return out
+    reg = np.repeat(np.arange(R), counts)
+    t_ev = rng.uniform(0.0, span, E)
+    n_dips = rng.integers(1, 4, E)
+    period = rng.uniform(*SYNTH_GUST_PERIOD_S, E)
+    for j in range(3):
+        dur = np.minimum(rng.uniform(*SYNTH_GUST_DIP_S, E), period - 300.0)
+        level = rng.uniform(*SYNTH_GUST_LEVEL_FRAC, E) * threshold
+        on = n_dips > j
+        i0 = np.round((t_ev + j * period) / step).astype(np.int64)
+        m = np.maximum(1, np.round(dur / step).astype(np.int64))
+        for o in range(int(m.max())):
+            sel = on & (o < m) & (i0 + o < n)
+            np.minimum.at(out, (reg[sel], i0[sel] + o), level[sel])
+    return out
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -472,6 +516,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--step", type=float, default=300.0, help="seconds between points")
     s.add_argument("--threshold", type=float, default=100.0)
     s.add_argument("--utc-offset", action="append", default=[], metavar="REGION=HOURS")
+    s.add_argument(
+        "--gusts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="short wind-driven dips below the threshold at any hour (default: on)",
+    )
     s.add_argument("--out", required=True)
     c = sub.add_parser("check", help="validate trace file(s) and print a summary")
     c.add_argument("paths", nargs="+")
@@ -492,7 +542,14 @@ def main(argv: list[str] | None = None) -> int:
                         f"--utc-offset {kv!r}: expected REGION=HOURS, e.g. DE=+1"
                     ) from None
             trace = synthetic(
-                a.regions.split(","), a.hours, a.seed, a.start, a.step, a.threshold, offsets
+                a.regions.split(","),
+                a.hours,
+                a.seed,
+                a.start,
+                a.step,
+                a.threshold,
+                offsets,
+                gusts=a.gusts,
             )
             save_wide_csv(trace, a.out)
             print(f"wrote {a.out}")

@@ -1,6 +1,6 @@
 """Validation bits-per-byte of a base_train checkpoint.
 
-    python -m scripts.base_loss --checkpoint runs/NAME [--data-dir DIR --tokenizer-dir DIR]
+python -m scripts.base_loss --checkpoint runs/NAME [--data-dir DIR --tokenizer-dir DIR]
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from nanochat.train import evaluate_bpb
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default="runs/baseline", help="checkpoint file or run dir (newest is used)")
+    p.add_argument(
+        "--checkpoint", default="runs/baseline", help="checkpoint file or run dir (newest is used)"
+    )
     p.add_argument("--data-dir", default="data")
     p.add_argument("--tokenizer-dir", default="tokenizer")
     p.add_argument("--split", choices=["val", "train"], default="val")
@@ -38,9 +40,20 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(model_state)
         tok = Tokenizer.load(resolve(args.tokenizer_dir))
         if tok.vocab_size != model.config.vocab_size:
-            raise TokenizerError(f"tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
+            raise TokenizerError(
+                f"tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}"
+            )
         B, T = args.device_batch_size, model.config.sequence_len
-        loader = DataLoader(tok, resolve(args.data_dir), B, T, rank=rank, world=world, split=args.split, device=device)
+        loader = DataLoader(
+            tok,
+            resolve(args.data_dir),
+            B,
+            T,
+            rank=rank,
+            world=world,
+            split=args.split,
+            device=device,
+        )
         steps = max(1, args.eval_tokens // (B * T * world))
         with torch.no_grad():
             bpb = evaluate_bpb(model, loader, tok.token_bytes(), steps, autocast_ctx)
@@ -49,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         device_teardown()
-    print0(f"checkpoint step {meta['step']} ({resolve(args.checkpoint)}): {args.split} bpb {bpb:.4f} over {steps * B * T * world:,} tokens")
+    print0(
+        f"checkpoint step {meta['step']} ({resolve(args.checkpoint)}): {args.split} bpb {bpb:.4f} over {steps * B * T * world:,} tokens"
+    )
     return 0
 
 

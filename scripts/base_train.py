@@ -40,13 +40,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for f in fields(TrainConfig):
         if f.name == "vocab_size":  # always the tokenizer's
             continue
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (and at the end)")
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(getattr(defaults, f.name)),
+            default=getattr(defaults, f.name),
+        )
+    p.add_argument(
+        "--save-every", type=int, default=100, help="checkpoint interval in steps (and at the end)"
+    )
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps of this invocation")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="stop after this many steps of this invocation"
+    )
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--loop", action=argparse.BooleanOptionalAction, default=True, help="start another epoch when the data ends")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
+    p.add_argument(
+        "--loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start another epoch when the data ends",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint of the run"
+    )
     return p.parse_args(argv)
 
 
@@ -66,7 +81,10 @@ def train(args, device, autocast_ctx, rank: int, world: int) -> int:
     data_dir, run_dir = resolve(args.data_dir), resolve(args.run_dir or f"runs/{args.run}")
     tok = Tokenizer.load(resolve(args.tokenizer_dir))
     token_bytes = tok.token_bytes()
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "vocab_size"}, vocab_size=tok.vocab_size)
+    cfg = TrainConfig(
+        **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "vocab_size"},
+        vocab_size=tok.vocab_size,
+    )
     grad_accum = cfg.grad_accum_steps(world)
     model, optimizers = build_model(cfg, device)
 
@@ -80,7 +98,9 @@ def train(args, device, autocast_ctx, rank: int, world: int) -> int:
             changed = {k for k, v in cfg.to_dict().items() if meta["train_config"].get(k) != v}
             print0(f"warning: resuming with changed settings {sorted(changed)}")
         if len(meta["cursor"]) != world:
-            raise ValueError(f"{found} was written by {len(meta['cursor'])} processes; resume with as many")
+            raise ValueError(
+                f"{found} was written by {len(meta['cursor'])} processes; resume with as many"
+            )
         model.load_state_dict(model_state)
         for opt, state in zip(optimizers, optim_states, strict=True):
             opt.load_state_dict(state)
@@ -94,33 +114,77 @@ def train(args, device, autocast_ctx, rank: int, world: int) -> int:
         f"{grad_accum} accum = {cfg.total_batch_size:,} tokens/step | {cfg.num_iterations} steps | "
         f"device {device}, {torch.get_num_threads()} threads/proc"
     )
-    loader = DataLoader(tok, data_dir, cfg.device_batch_size, cfg.sequence_len, rank=rank, world=world, cursor=cursor, loop=args.loop, device=device)
+    loader = DataLoader(
+        tok,
+        data_dir,
+        cfg.device_batch_size,
+        cfg.sequence_len,
+        rank=rank,
+        world=world,
+        cursor=cursor,
+        loop=args.loop,
+        device=device,
+    )
     eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.sequence_len * world))
 
     def validate(step: int) -> float:
-        val = DataLoader(tok, data_dir, cfg.device_batch_size, cfg.sequence_len, rank=rank, world=world, split="val", device=device)
+        val = DataLoader(
+            tok,
+            data_dir,
+            cfg.device_batch_size,
+            cfg.sequence_len,
+            rank=rank,
+            world=world,
+            split="val",
+            device=device,
+        )
         bpb = evaluate_bpb(model, val, token_bytes, eval_steps, autocast_ctx)
         print0(f"step {step:5d} | val bpb {bpb:.4f}")
         return bpb
 
     def log(s: int, loss: float, tok_s: float, lrm: float) -> None:
         if s % args.log_every == 0 or s == cfg.num_iterations:
-            print0(f"step {s:5d}/{cfg.num_iterations} | loss {loss:.4f} | lrm {lrm:.3f} | {tok_s:,.0f} tok/s | {time.time() - t0:.0f}s")
+            print0(
+                f"step {s:5d}/{cfg.num_iterations} | loss {loss:.4f} | lrm {lrm:.3f} | {tok_s:,.0f} tok/s | {time.time() - t0:.0f}s"
+            )
 
     t0 = time.time()
-    end = cfg.num_iterations if args.max_steps is None else min(cfg.num_iterations, step + args.max_steps)
+    end = (
+        cfg.num_iterations
+        if args.max_steps is None
+        else min(cfg.num_iterations, step + args.max_steps)
+    )
     if step == 0:
         history.append({"step": 0, "val_bpb": validate(0)})
     losses, tokens, stopped_by = [], 0, "steps"
     while step < end:
-        boundary = min(end, (step // cfg.eval_every + 1) * cfg.eval_every, (step // args.save_every + 1) * args.save_every)
-        result = run(model, optimizers, loader, cfg, start_step=step, max_steps=boundary - step, on_step=log, autocast_ctx=autocast_ctx)
+        boundary = min(
+            end,
+            (step // cfg.eval_every + 1) * cfg.eval_every,
+            (step // args.save_every + 1) * args.save_every,
+        )
+        result = run(
+            model,
+            optimizers,
+            loader,
+            cfg,
+            start_step=step,
+            max_steps=boundary - step,
+            on_step=log,
+            autocast_ctx=autocast_ctx,
+        )
         step, stopped_by = result.end_step, result.stopped_by
         losses += result.losses
         tokens += result.tokens
         done = stopped_by != "steps" or step >= end
         if step % cfg.eval_every == 0 or done:
-            history.append({"step": step, "val_bpb": validate(step), "train_loss": result.losses[-1] if result.losses else None})
+            history.append(
+                {
+                    "step": step,
+                    "val_bpb": validate(step),
+                    "train_loss": result.losses[-1] if result.losses else None,
+                }
+            )
         if (step % args.save_every == 0 or done) and rank == 0:
             meta = {
                 "step": step,
@@ -130,14 +194,22 @@ def train(args, device, autocast_ctx, rank: int, world: int) -> int:
                 "history": history,
                 "rng": checkpoint.rng_state(),
             }
-            path = checkpoint.save(run_dir, model.state_dict(), [o.state_dict() for o in optimizers], meta, keep=args.keep)
+            path = checkpoint.save(
+                run_dir,
+                model.state_dict(),
+                [o.state_dict() for o in optimizers],
+                meta,
+                keep=args.keep,
+            )
             print0(f"step {step:5d} | checkpoint {path}")
         if done:
             break
 
     elapsed = time.time() - t0
     print0("\n=== summary ===")
-    print0(f"steps {len(losses)} this run (global step {step}/{cfg.num_iterations}), stopped by {stopped_by}")
+    print0(
+        f"steps {len(losses)} this run (global step {step}/{cfg.num_iterations}), stopped by {stopped_by}"
+    )
     print0(f"tokens {tokens:,} in {elapsed:.0f}s = {tokens / max(elapsed, 1e-9):,.0f} tok/s")
     if losses:
         print0(f"train loss {losses[0]:.4f} -> {losses[-1]:.4f}")

@@ -1,6 +1,6 @@
 """Train the BPE tokenizer on the training shards and report its compression.
 
-    python -m scripts.tok_train --data-dir DIR --out DIR --vocab-size 8192
+python -m scripts.tok_train --data-dir DIR --out DIR --vocab-size 8192
 """
 
 from __future__ import annotations
@@ -24,8 +24,12 @@ def training_texts(data_dir, doc_cap: int):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default="data", help="shards (relative paths live under $CURTAIL_HOME)")
-    parser.add_argument("--out", default="tokenizer", help="where tokenizer.json + token_bytes.pt go")
+    parser.add_argument(
+        "--data-dir", default="data", help="shards (relative paths live under $CURTAIL_HOME)"
+    )
+    parser.add_argument(
+        "--out", default="tokenizer", help="where tokenizer.json + token_bytes.pt go"
+    )
     parser.add_argument("--vocab-size", type=int, default=8192, help="including special tokens")
     parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="training text budget")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="max characters per document")
@@ -37,14 +41,18 @@ def main(argv: list[str] | None = None) -> int:
         tok = Tokenizer.train(texts, args.vocab_size)
         train_s = time.time() - t0
         tok.save(out)
-        val = [t for c in val_chunks(data_dir) for t in read_row_group(data_dir, c.shard, c.row_group)]
+        val = [
+            t for c in val_chunks(data_dir) for t in read_row_group(data_dir, c.shard, c.row_group)
+        ]
     except (DatasetError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n_bytes = sum(len(t.encode("utf-8")) for t in val)
     n_tokens = sum(len(ids) for ids in tok.encode(val))
     print(f"trained vocab {tok.vocab_size} in {train_s:.1f}s -> {out}")
-    print(f"validation shard: {n_bytes:,} bytes -> {n_tokens:,} tokens = {n_bytes / n_tokens:.2f} bytes/token")
+    print(
+        f"validation shard: {n_bytes:,} bytes -> {n_tokens:,} tokens = {n_bytes / n_tokens:.2f} bytes/token"
+    )
     return 0
 
 

@@ -114,7 +114,9 @@ def tokenizer_dir(demo_data, tmp_path_factory):
     from nanochat.dataset import chunk_table, read_row_group
     from nanochat.tokenizer import Tokenizer
 
-    texts = (t for c in chunk_table(demo_data) for t in read_row_group(demo_data, c.shard, c.row_group))
+    texts = (
+        t for c in chunk_table(demo_data) for t in read_row_group(demo_data, c.shard, c.row_group)
+    )
     out = tmp_path_factory.mktemp("tokenizer")
     Tokenizer.train(texts, vocab_size=1024, trainer=make_bpe_trainer()).save(out)
     return out

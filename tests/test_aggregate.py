@@ -19,8 +19,11 @@ from pilot.aggregate import (
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(3, 700_000, generator=g), "b": torch.randn(5, generator=g),
-            "n": torch.tensor([seed], dtype=torch.int64)}
+    return {
+        "w": torch.randn(3, 700_000, generator=g),
+        "b": torch.randn(5, generator=g),
+        "n": torch.tensor([seed], dtype=torch.int64),
+    }
 
 
 def test_weighted_average_matches_formula_across_blocks():
@@ -86,7 +89,8 @@ def test_outer_nesterov_matches_torch_sgd_and_roundtrips_momentum():
 def test_outer_nesterov_lr1_mu0_equals_fedavg():
     g, avg = _state(2), _state(3)
     new = OuterOptimizer("nesterov", lr=1.0, momentum=0.0).step(
-        g, {k: v.clone() for k, v in avg.items()})
+        g, {k: v.clone() for k, v in avg.items()}
+    )
     torch.testing.assert_close(new["w"], avg["w"], rtol=0, atol=1e-6)
 
 
@@ -97,8 +101,9 @@ def test_wire_roundtrip_and_bytes(dtype):
     rec = encode_state(s, dt)
     back = decode_state(rec)
     assert back["w"].dtype == dt and back["n"].dtype == torch.int64
-    torch.testing.assert_close(back["w"].float(), s["w"], rtol=1e-2 if dtype == "bf16" else 0,
-                               atol=0)
+    torch.testing.assert_close(
+        back["w"].float(), s["w"], rtol=1e-2 if dtype == "bf16" else 0, atol=0
+    )
     assert rec.count_bytes() >= state_bytes(s, dt)
     assert state_bytes(s, torch.bfloat16) * 2 - 8 == state_bytes(s, torch.float32)
     validate_state(back, s, dt)
@@ -108,15 +113,17 @@ def test_decode_rejects_truncated_and_foreign_arrays():
     from flwr.app import Array, ArrayRecord
 
     rec = encode_state({"w": torch.ones(4)}, torch.float32)
-    bad = ArrayRecord({"w": Array(dtype="float32", shape=(4,), stype="torch.raw",
-                                  data=rec["w"].data[:-4])})
+    bad = ArrayRecord(
+        {"w": Array(dtype="float32", shape=(4,), stype="torch.raw", data=rec["w"].data[:-4])}
+    )
     with pytest.raises(ReplyError, match="bytes"):
         decode_state(bad)
     with pytest.raises(ReplyError, match="serialisation"):
         decode_state(ArrayRecord({"w": Array(torch.ones(4).numpy())}))
     with pytest.raises(ReplyError, match="dtype"):
-        decode_state(ArrayRecord({"w": Array(dtype="evil", shape=(4,), stype="torch.raw",
-                                             data=b"\0" * 16)}))
+        decode_state(
+            ArrayRecord({"w": Array(dtype="evil", shape=(4,), stype="torch.raw", data=b"\0" * 16)})
+        )
 
 
 def test_validate_state_rejects_bad_replies():

@@ -14,7 +14,8 @@ def test_assign_is_exclusive_and_prefers_partial_chunks():
     a = led.assign("A", max_chunks=2)
     b = led.assign("B", max_chunks=2)
     assert {chunk_key(s, g) for s, g, _ in a.chunks}.isdisjoint(
-        {chunk_key(s, g) for s, g, _ in b.chunks})
+        {chunk_key(s, g) for s, g, _ in b.chunks}
+    )
     assert led.assign("C", max_chunks=1).chunks == []  # all leased
     led.commit("A", {"0:0": 60})  # partial: 0:0 back at row 60, 0:1 untouched
     c = led.assign("C", max_chunks=1)

@@ -11,8 +11,11 @@ timings), while simulated time advances at a fixed speed-up:
     -> LOCAL      alpha's window closes once it trained in a federated round: stop key,
                   partial work counted, deprovisioned
     -> the ServerApp is SIGKILLed while beta trains and started again: it resumes from the
-       checkpoint; beta's window then closes mid-round and the trace ends: the run stops and
-       every node is released
+       checkpoint
+    -> beta's SuperNode is SIGKILLed mid-round: beta is dropped from the round, its data
+       returns to the pool, a new node is started and trains the next round
+    -> beta's window closes mid-round and the trace ends: the run stops and every node is
+       released
 
 Checks: the phases and join/leave happened, the loss fell, every data row was committed at
 most once and the committed ranges tile the ledger exactly, the restart resumed the global
@@ -84,7 +87,7 @@ round_max_s = 4500       # LOCAL: 75 s wall
 join_min_s = 300         # join with >= 5 s wall of training left after the measured start-up
 reply_grace_s = 40       # wall
 poll_s = 0.3
-transfer_dtype = "fp32"
+transfer_dtype = "bf16"   # half the bytes; the fp32 path is covered by test_aggregate
 outer = "nesterov"
 outer_lr = 1.0
 outer_momentum = 0.0     # lr 1, momentum 0: the outer step is FedAvg, through the Nesterov code
@@ -353,9 +356,17 @@ def test_elastic_run_with_join_leave_and_restart(stack, redis_url):
         stack.flwr_run()
         resumed = stack.wait("resumed run_start", _is("run_start", resumed=True))
         r5 = stack.wait("a round after the restart", _is("round_start", sites=["beta"]))
+
+        # beta's machine dies mid-round: dropped at once, its lease released, node replaced
         stack.wait_step(sig, "beta", r5["round"])
+        for pid in stack.supernodes():
+            os.killpg(pid, signal.SIGKILL)
+        stack.wait("beta dropped", _is("fault", site="beta", round=r5["round"]))
+        lost = stack.wait("the round without beta", _is("round_end", round=r5["round"]))
+        r6 = stack.wait("beta's new node trains", _is("round_start", sites=["beta"]))
+        stack.wait_step(sig, "beta", r6["round"])
         driver.mci["beta"] = HIGH  # beta leaves too, the trace ends
-        after = stack.wait("the resumed round's aggregate", _is("aggregate", round=r5["round"]))
+        after = stack.wait("the last round's aggregate", _is("aggregate", round=r6["round"]))
         sig.publish_meta(status="done")
         end = stack.wait("run_end", _is("run_end"))
     finally:
@@ -377,7 +388,8 @@ def test_elastic_run_with_join_leave_and_restart(stack, redis_url):
     # resume: same global step and model, round numbers continue past the lost round
     assert resumed["global_step"] == ckpt_meta["step"] > 0
     assert resumed["round"] == ckpt_meta["round"] + 1 == r4["round"]
-    assert r5["round"] > r4["round"]
+    assert r5["round"] > r4["round"] and r6["round"] > r5["round"]
+    assert lost["dropped"] == ["beta"] and lost["committed"] == {}
     assert after["loss"] < losses[0] - 0.3, (after["loss"], losses)
     assert end["reason"] == "trace_end"
 

@@ -238,20 +238,29 @@ def _ports_of(pids: set[int]) -> set[int]:
     return ports
 
 
-def test_sigterm_mid_run_stops_every_process_and_frees_every_port(prepared_home):
-    """SIGTERM once a SuperNode runs (so the tree holds Valkey, the energy simulation, the
-    SuperLink, its detached SuperExec, the ServerApp and a SuperNode in its own session):
-    everything is gone afterwards, every port they listened on is free, exit code 130."""
+def _cmd(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _stop_mid_run(action: str, home: Path):
+    """Launch the cpu-demo, wait until a SuperNode runs (so the tree holds Valkey, the energy
+    simulation, the SuperLink, its detached SuperExec, the ServerApp and a SuperNode in its own
+    session), then disturb it: "sigterm" the launcher, "ctrl-c" its whole process group as a
+    terminal does, or "crash" the SuperLink. Returns (exit code, output, marker, ports seen)."""
     mark = uuid.uuid4().hex
-    env = {**os.environ, MARK: mark, "CURTAIL_HOME": str(prepared_home)}
-    logs = prepared_home / "runs" / "sigterm" / "logs"
+    env = {**os.environ, MARK: mark, "CURTAIL_HOME": str(home)}
+    logs = home / "runs" / action / "logs"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pilot.launch", "--run-name", "sigterm", "--no-live"],
+        [sys.executable, "-m", "pilot.launch", "--run-name", action, "--no-live"],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group, like a shell job
     )
     seen: set[int] = set()
     deadline = time.monotonic() + 180
@@ -264,13 +273,107 @@ def test_sigterm_mid_run_stops_every_process_and_frees_every_port(prepared_home)
         time.sleep(1.0)  # let the SuperNode start its own SuperExec
         seen.update(descendants(proc.pid))
         ports = _ports_of(seen)
-        proc.send_signal(signal.SIGTERM)
+        if action == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        elif action == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            superlink = [p for p in descendants(proc.pid) if "flower-superlink" in _cmd(p)]
+            os.kill(superlink[0], signal.SIGKILL)
         out, _ = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, out
-    assert "interrupted" in out
+    return proc.returncode, out, mark, ports
+
+
+@pytest.mark.parametrize("action", ["sigterm", "ctrl-c", "crash"])
+def test_stopping_mid_run_leaves_no_process_and_no_port_behind(action, prepared_home):
+    rc, out, mark, ports = _stop_mid_run(action, prepared_home)
+    if action == "crash":
+        assert rc == 1, out
+        assert "superlink exited" in out and "logs of every process" in out
+    else:
+        assert rc == 130, out
+        assert "interrupted; everything it started has been stopped" in out
+    assert "Traceback" not in out
     assert marked(mark) == []
     assert len(ports) >= 3, ports  # valkey, superlink, supernode
     assert all(port_free(p) for p in ports), [p for p in ports if not port_free(p)]
+
+
+# --- live view: what Redis says, folded into per-site state --------------------------------
+
+
+def test_live_view_follows_sites_through_provisioning_training_and_leaving(redis_url):
+    from rich.console import Console
+
+    from pilot.launch_view import LiveView
+    from pilot.signals import Signals, connect
+    from pilot.sites import load_sites
+    from pilot.traces import load_trace
+
+    sites = load_sites(REPO / "configs" / "sites.toml")
+    trace = load_trace(REPO / "configs" / "traces" / "synthetic-3site.csv")
+    sig = Signals(connect(redis_url), f"view-{uuid.uuid4().hex[:8]}")
+    t0 = trace.start
+    sig.publish_meta(sim_start=t0, speedup=360.0, status="running", sites=sites.names)
+    sig.publish_tick(
+        t0 + 600,
+        {
+            "texas": {"mci": 60.0, "curtailed": True, "power_w": 0.0},
+            "california": {"mci": 300.0, "curtailed": False, "power_w": 0.0},
+        },
+    )
+    out = Console(record=True, width=200, force_terminal=False)
+    view = LiveView("v", live=False, trace=trace, sites_config=sites, console=out)
+    view.attach(sig)
+    view.refresh()
+    assert view.state.shown_state("texas") == "curtailed"
+    assert view.state.shown_state("california") == "off"
+
+    sig.event("mode", t=t0 + 600, mode="PAUSE", train=[], provision=["texas"])
+    sig.event("provision_started", t=t0 + 600, site="texas", reason="in window")
+    view.refresh()
+    assert view.state.shown_state("texas") == "provisioning"
+    sig.event("provision_complete", t=t0 + 840, site="texas")
+    sig.event("mode", t=t0 + 840, mode="LOCAL", train=["texas"], provision=["texas"])
+    sig.event("round_start", t=t0 + 840, round=1, sites=["texas"], deadline_t=t0 + 8040)
+    sig.log_step("texas", step=5, loss=7.5, tokens_per_s=900.0)
+    sig.publish_tick(t0 + 4440, {"texas": {"mci": 60.0, "curtailed": True, "power_w": 2024.0}})
+    view.refresh()
+    st = view.state
+    assert st.shown_state("texas") == "training" and st.mode == "LOCAL" and st.round == 1
+    assert st.last_log["texas"]["loss"] == 7.5
+    view.state.update_carbon(force=True)
+    # 240 s idle at 0.468 kW + 3600 s training at 2.024 kW, counted live before the round ends
+    assert st.energy_kwh == pytest.approx((240 * 0.468 + 3600 * 2.024) / 3600, rel=1e-6)
+    assert st.emissions_kg > 0
+
+    sig.event("leave", t=t0 + 4440, site="texas", round=1, reason="no window")
+    sig.event(
+        "aggregate", t=t0 + 4500, round=1, loss=7.4, tokens=4096, global_step=9, sites=["texas"]
+    )
+    sig.event("deprovision", t=t0 + 4500, site="texas", reason="no window")
+    view.detach()
+    assert st.shown_state("texas") == "curtailed"  # off, but its grid is still in a window
+    assert (st.leaves, st.global_step, st.tokens, st.loss) == (1, 9, 4096, 7.4)
+    printed = out.export_text()
+    assert "provision_started texas" in printed and "leave texas (no window)" in printed
+    assert "aggregate round 1 step 9 loss 7.400" in printed
+
+
+def test_live_table_renders_every_site_and_the_totals(redis_url):
+    from rich.console import Console
+
+    from pilot.launch_view import LiveView
+    from pilot.sites import load_sites
+
+    sites = load_sites(REPO / "configs" / "sites.toml")
+    view = LiveView("demo", live=False, sites_config=sites)
+    view.state.observe({"kind": "mode", "t": 0.0, "mode": "FEDERATED", "train": sites.names})
+    out = Console(record=True, width=160)
+    out.print(view.render())
+    text = out.export_text()
+    assert all(name in text for name in sites.names)
+    assert "FEDERATED" in text and "emissions" in text and "global step" in text

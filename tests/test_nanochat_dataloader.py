@@ -52,11 +52,17 @@ def test_resume_yields_identical_batches(tok, demo_data):
 def test_rank_striding_is_disjoint_and_complete(tok, demo_data):
     chunks = chunk_table(demo_data)
     loaders = [DataLoader(tok, demo_data, 1, 32, rank=r, world=2) for r in range(2)]
-    assert [(c.shard, c.row_group) for c in loaders[0].chunks] == [(c.shard, c.row_group) for c in chunks[0::2]]
-    assert [(c.shard, c.row_group) for c in loaders[1].chunks] == [(c.shard, c.row_group) for c in chunks[1::2]]
+    assert [(c.shard, c.row_group) for c in loaders[0].chunks] == [
+        (c.shard, c.row_group) for c in chunks[0::2]
+    ]
+    assert [(c.shard, c.row_group) for c in loaders[1].chunks] == [
+        (c.shard, c.row_group) for c in chunks[1::2]
+    ]
     next(loaders[0]), next(loaders[1])
     keys = [{k for k, v in ld.consumed().items()} for ld in loaders]
-    assert not keys[0] & keys[1] and keys[0] | keys[1] == {chunk_key(c.shard, c.row_group) for c in chunks}
+    assert not keys[0] & keys[1] and keys[0] | keys[1] == {
+        chunk_key(c.shard, c.row_group) for c in chunks
+    }
     # a list of cursors (what TrainResult.cursor holds) is indexed by rank
     both = [ld.cursor() for ld in loaders]
     assert DataLoader(tok, demo_data, 1, 32, rank=1, world=2, cursor=both).cursor() == both[1]
@@ -64,7 +70,9 @@ def test_rank_striding_is_disjoint_and_complete(tok, demo_data):
 
 def test_assignment_with_start_rows_and_end_of_data(tok, demo_data):
     c0, c1 = chunk_table(demo_data)[:2]
-    loader = DataLoader(tok, demo_data, 1, 64, chunks=[c0, c1], start_rows={chunk_key(c0.shard, c0.row_group): 10})
+    loader = DataLoader(
+        tok, demo_data, 1, 64, chunks=[c0, c1], start_rows={chunk_key(c0.shard, c0.row_group): 10}
+    )
     assert loader.cursor()["row"] == 10
     n = 0
     with pytest.raises(StopIteration):
@@ -72,7 +80,10 @@ def test_assignment_with_start_rows_and_end_of_data(tok, demo_data):
             next(loader)
             n += 1
     assert n > 0
-    assert loader.consumed() == {chunk_key(c0.shard, c0.row_group): c0.rows, chunk_key(c1.shard, c1.row_group): c1.rows}
+    assert loader.consumed() == {
+        chunk_key(c0.shard, c0.row_group): c0.rows,
+        chunk_key(c1.shard, c1.row_group): c1.rows,
+    }
     assert loader.stats["docs"] == c0.rows - 10 + c1.rows  # rows before start_rows never read
 
 
@@ -86,8 +97,13 @@ def test_loop_over_epochs(tok, demo_data):
 
 def test_val_split_and_errors(tok, demo_data):
     val = DataLoader(tok, demo_data, 1, 32, split="val")
-    assert len({c.shard for c in val.chunks}) == 1 and val.chunks[0].shard > chunk_table(demo_data)[-1].shard
+    assert (
+        len({c.shard for c in val.chunks}) == 1
+        and val.chunks[0].shard > chunk_table(demo_data)[-1].shard
+    )
     with pytest.raises(DatasetError, match="does not read"):
-        DataLoader(tok, demo_data, 1, 32, cursor={"epoch": 0, "shard": 99, "row_group": 0, "row": 0})
+        DataLoader(
+            tok, demo_data, 1, 32, cursor={"epoch": 0, "shard": 99, "row_group": 0, "row": 0}
+        )
     with pytest.raises(DatasetError, match="no chunks"):
         DataLoader(tok, demo_data, 1, 32, chunks=[chunk_table(demo_data)[0]], rank=1, world=2)

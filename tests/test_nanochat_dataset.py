@@ -18,7 +18,9 @@ def test_demo_data_layout(demo_data):
     for path in shards[:-1]:
         assert pq.ParquetFile(path).metadata.num_row_groups >= 2
     chunks = chunk_table(demo_data)
-    assert {c.shard for c in chunks} == {dataset.shard_index(p) for p in shards[:-1]}  # val excluded
+    assert {c.shard for c in chunks} == {
+        dataset.shard_index(p) for p in shards[:-1]
+    }  # val excluded
     assert sum(c.rows for c in val_chunks(demo_data)) >= 1
     texts = read_row_group(demo_data, chunks[0].shard, chunks[0].row_group)
     assert len(texts) == chunks[0].rows and all(isinstance(t, str) and t for t in texts)
@@ -28,14 +30,32 @@ def test_from_text_cli(tmp_path, capsys):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     for i in range(30):
-        (src / "sub" / f"doc{i}.txt").write_text(f"Document {i}.\n\nIt has two paragraphs, number {i}.")
+        (src / "sub" / f"doc{i}.txt").write_text(
+            f"Document {i}.\n\nIt has two paragraphs, number {i}."
+        )
     (src / "ignored.bin").write_bytes(b"\x00\x01")
     out = tmp_path / "out"
-    assert dataset.main(["from-text", str(src), "--out", str(out), "--shard-docs", "10", "--row-group-size", "4"]) == 0
+    assert (
+        dataset.main(
+            [
+                "from-text",
+                str(src),
+                "--out",
+                str(out),
+                "--shard-docs",
+                "10",
+                "--row-group-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     shards = list_shards(out)
     assert len(shards) == 4  # 28 training docs in shards of 10, then validation
     texts = [t for p in shards for t in pq.read_table(p).column("text").to_pylist()]
-    assert sorted(texts) == sorted(f"Document {i}.\n\nIt has two paragraphs, number {i}." for i in range(30))
+    assert sorted(texts) == sorted(
+        f"Document {i}.\n\nIt has two paragraphs, number {i}." for i in range(30)
+    )
     assert "training shards" in capsys.readouterr().out
 
 
@@ -50,7 +70,9 @@ def test_empty_text_is_an_error(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("   \n\n  ")
     with pytest.raises(DatasetError, match="no text found"):
         dataset.texts_from_paths([tmp_path / "empty.txt"])
-    assert dataset.main(["from-text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        dataset.main(["from-text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")]) == 2
+    )
     assert "error: no text found" in capsys.readouterr().err
     with pytest.raises(DatasetError, match="no such file"):
         dataset.texts_from_paths([tmp_path / "missing.txt"])
@@ -115,7 +137,9 @@ class ShardHandler(http.server.BaseHTTPRequestHandler):
 def shard_server(tmp_path):
     root = tmp_path / "remote"
     root.mkdir()
-    dataset.write_shards([f"remote document {i} " * 20 for i in range(40)], root, shard_docs=20, row_group_size=8)
+    dataset.write_shards(
+        [f"remote document {i} " * 20 for i in range(40)], root, shard_docs=20, row_group_size=8
+    )
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ShardHandler)
     srv.root, srv.requests, srv.fail_first, srv.cut_first = root, [], False, False
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -158,13 +182,18 @@ def test_download_retries_after_failure_and_dropped_connection(shard_server, tmp
     srv.fail_first = True
     dest = tmp_path / "a.parquet"
     dataset.download_file(f"{url}/shard_00000.parquet", dest, backoff=0.01)
-    assert srv.requests == [None, None] and dest.read_bytes() == (srv.root / "shard_00000.parquet").read_bytes()
+    assert (
+        srv.requests == [None, None]
+        and dest.read_bytes() == (srv.root / "shard_00000.parquet").read_bytes()
+    )
 
     srv.requests.clear()
     srv.fail_first, srv.cut_first = False, True
     dest = tmp_path / "b.parquet"
     dataset.download_file(f"{url}/shard_00001.parquet", dest, backoff=0.01)
-    assert srv.requests[0] is None and srv.requests[1].startswith("bytes=")  # resumed, not restarted
+    assert srv.requests[0] is None and srv.requests[1].startswith(
+        "bytes="
+    )  # resumed, not restarted
     assert dest.read_bytes() == (srv.root / "shard_00001.parquet").read_bytes()
 
 

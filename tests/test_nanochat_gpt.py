@@ -28,7 +28,17 @@ def test_from_depth(depth, width, heads):
 
 def small_model(**kw):
     torch.manual_seed(0)
-    cfg = GPTConfig(**{"sequence_len": 32, "vocab_size": 97, "n_layer": 2, "n_head": 4, "n_kv_head": 4, "n_embd": 64, **kw})
+    cfg = GPTConfig(
+        **{
+            "sequence_len": 32,
+            "vocab_size": 97,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_kv_head": 4,
+            "n_embd": 64,
+            **kw,
+        }
+    )
     model = GPT(cfg)
     model.init_weights()
     return model

@@ -28,7 +28,9 @@ def test_newton_schulz_orthogonalises():
 
 def make(seed=0):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    model = GPT(
+        GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    )
     model.init_weights()
     return model
 

@@ -12,7 +12,13 @@ def tok(tokenizer_dir):
 
 @pytest.mark.parametrize(
     "text",
-    ["The quick brown fox.", "def f(x):\n    return x ** 2  # 12345", "naïve café — ünïcödé ✓ 日本語", "", "  \n\n\t"],
+    [
+        "The quick brown fox.",
+        "def f(x):\n    return x ** 2  # 12345",
+        "naïve café — ünïcödé ✓ 日本語",
+        "",
+        "  \n\n\t",
+    ],
 )
 def test_round_trip(tok, text):
     ids = tok.encode(text)
@@ -56,7 +62,9 @@ def test_save_load_identical(tok, tmp_path):
 
 
 def test_train_small_corpus(bpe_trainer):
-    texts = ["hello hello hello world"] * 50 + [f"word{i} and more words {i * 7}" for i in range(200)]
+    texts = ["hello hello hello world"] * 50 + [
+        f"word{i} and more words {i * 7}" for i in range(200)
+    ]
     tok = Tokenizer.train(texts, vocab_size=300, trainer=bpe_trainer())
     assert tok.vocab_size == 300
     assert len(tok.encode(" hello")) == 1

@@ -97,10 +97,14 @@ def test_right_forecast_makes_site_ready_at_window_start(tick_s):
         for a, b in merged_windows(trace, region, 600.0):
             if a < trace.start + 2 * DELAY or b - a < 1800 or b > ticks[-1]:
                 continue
+            # the window starts, for a policy that acts on ticks, at the first tick it is seen
+            # open: the site must be ready AT that tick (not after), and not a tick earlier
+            # (idle provisioned time is wasted energy)
             k = int(np.searchsorted(ticks, a))  # first tick at/after the window opens
             starts = np.flatnonzero(prov[i, : k + 1] & ~np.r_[False, prov[i, :k]])
             ready_at = ticks[starts[-1]] + DELAY
-            assert ready_at <= a, f"{region}: ready {ready_at - a:.0f} s after window start"
+            assert ready_at <= ticks[k], f"{region}: ready {ready_at - ticks[k]:.0f} s late"
+            assert ready_at > ticks[k - 1], f"{region}: ready {ticks[k] - ready_at:.0f} s early"
             assert ready[i, k] and train[i, k]
             checked += 1
     assert checked >= 5
