@@ -163,14 +163,15 @@ def run(
     ddp: bool | None = None,
     autocast_ctx=None,
 ) -> TrainResult:
-    """Train from global step start_step until one of: the schedule's end (cfg.num_iterations)
-    or max_steps steps taken ("steps"), the
-    next step would end after the wall-clock deadline (epoch seconds, "deadline"), should_stop()
-    returns True ("stop"), or the loader is exhausted ("data"). With ddp (default: whether a
-    process group exists) gradients are averaged by the optimizers, the stop decision is taken
-    jointly (any rank stopping stops all, so collectives never hang), and the returned
-    losses/tokens/cursor/consumed cover all ranks. on_step(step, loss, tokens_per_s, lr_mult)
-    is called on every rank after each step, with the global step just completed."""
+    """Train from global step start_step until one of: the schedule ends (cfg.num_iterations)
+    or max_steps steps are taken ("steps"), the next step would end after the wall-clock
+    deadline (epoch seconds, "deadline"), should_stop() returns True ("stop"), or the loader
+    is exhausted ("data"). With ddp (default: whether a process group exists) gradients are
+    averaged by the optimizers, stop decisions are agreed by all ranks (so collectives never
+    hang, and no rank reads a batch it will not train on, except at the end of the data), and
+    the returned losses/tokens/cursor/consumed cover all ranks. on_step(step, loss,
+    tokens_per_s, lr_mult) is called on every rank after each step with the global step just
+    completed."""
     ddp = is_ddp() if ddp is None else ddp
     world = dist.get_world_size() if ddp else 1
     device = next(model.parameters()).device
@@ -185,7 +186,8 @@ def run(
     last_step_s = 0.0
     stopped_by = "steps"
     while True:
-        # Decide locally, then agree: the highest-priority reason of any rank wins.
+        # Decide locally, then agree: the highest-priority reason of any rank wins. Stop
+        # reasons are agreed before any rank reads the next batches, data exhaustion after.
         code = 0
         if step >= cfg.num_iterations or (max_steps is not None and step - start_step >= max_steps):
             code = 4
@@ -193,14 +195,16 @@ def run(
             code = 3
         elif should_stop is not None and should_stop():
             code = 2
+        if ddp:
+            code = int(_all_reduce([code], dist.ReduceOp.MAX, device)[0])
         batches = []
         if not code:
             try:
                 batches = [next(loader) for _ in range(grad_accum)]
             except StopIteration:
                 code = 1
-        if ddp:
-            code = int(_all_reduce([code], dist.ReduceOp.MAX, device)[0])
+            if ddp:
+                code = int(_all_reduce([code], dist.ReduceOp.MAX, device)[0])
         if code:
             stopped_by = STOP_CODES[code]
             break

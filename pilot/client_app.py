@@ -12,7 +12,7 @@ Messages (docs/ARCHITECTURE.md, "Flower messages"):
 
 Node config (``flower-supernode --node-config``): ``site`` (required), ``state-dir``
 (node-local inner optimizer state; default CURTAIL_HOME/nodes/<site>) and ``cpu-threads``
-(torch threads of a CPU-only site; 0 or absent: all cores). Every message runs in
+(torch threads when training on the CPU; 0 or absent: all cores). Every message runs in
 a fresh process, so torch and nanochat are imported inside the handlers, and ``query`` does
 not import torch at all.
 """

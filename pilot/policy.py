@@ -4,11 +4,16 @@ Per site, two questions every tick:
 1. Is the site *in a curtailment window*? Hysteresis on the raw MCI: a window opens once MCI
    has stayed < threshold for ``enter_dwell_s`` and closes only once it has stayed >=
    threshold for ``release_delay_s``; a signal flickering around the threshold therefore
-   cannot make the federation oscillate.
+   cannot make the federation oscillate. Forecast-confirmed early release: the window closes
+   at once when MCI is above, the forecast agrees and sees no reopening within the
+   provisioning delay, and the same forecast had predicted this very end (at the last tick
+   below, it put the rise at or before the first tick above). Persistence never qualifies,
+   so it keeps the hysteresis (``_early_release``).
 2. Should the site be *provisioned*? Inside a window: yes (unless the forecast, agreeing with
    the present, says the window is too short to be worth the provisioning energy). Outside:
-   yes if the forecast says a window worth having opens before provisioning could finish
-   (``t_open - now <= provision_delay + tick``), so the site is ready AT the window start.
+   yes if the forecast says a window worth having opens so soon that provisioning started at
+   the next tick would not be ready by the window's first tick: as late as possible, so the
+   site is ready AT the window start and idles exactly its boot (``_too_late_next_tick``).
 
 Graceful degradation with a wrong forecast:
 - a forecast that contradicts the present (says above while MCI is below) is ignored, so a
@@ -336,14 +341,14 @@ class Policy:
 
 
 def _too_late_next_tick(lead: float, delay: float, dt: float) -> bool:
-    """Pre-provision now? The window opens ``lead`` s from now and is seen open at the first
-    tick at or after that, ``ceil(lead / dt)`` ticks ahead (ticks every ``dt`` s). Start now iff
-    provisioning started at the next tick would not be ready by that tick: as late as
-    possible, ready AT the window's first tick (``lead <= delay`` on a grid that divides the
-    delay; up to one tick earlier otherwise). ``dt`` 0 (first tick): ``lead <= delay``."""
+    """Pre-provision now? The window opens ``lead`` s from now and is seen open (MCI strictly
+    below) at the first tick after that, ``floor(lead / dt) + 1`` ticks ahead (ticks every
+    ``dt`` s). Start now iff provisioning started at the next tick would not be ready by that
+    tick: as late as possible, ready AT the window's first tick. ``dt`` 0 (first tick):
+    ``lead <= delay``."""
     if dt <= 0.0 or lead > delay + dt:
         return lead <= delay
-    return math.ceil(lead / dt) * dt < delay + dt
+    return math.floor(lead / dt) * dt < delay
 
 
 def _useful(ol: Outlook, now: float, delay: float, dt: float, min_window_s: float) -> bool:
@@ -620,7 +625,7 @@ def simulate_batch(
         INW = _latch(enter_ok, leave_ok | early, st.in_window)
         with np.errstate(invalid="ignore", divide="ignore"):
             # _too_late_next_tick: ready by the first tick at/after the opening
-            late = np.where(dts > 0, np.ceil(lead / dts) * dts < d + dts, lead <= d)
+            late = np.where(dts > 0, np.floor(lead / dts) * dts < d, lead <= d)
             useful = late & (
                 np.isinf(t_close)
                 | (t_close - np.maximum(ticks[:, None] + d, t_open) >= cfg.min_window_s)

@@ -198,7 +198,12 @@ def summarize(
     used, total = windows_used(ledger, trace, list(sites_config.sites), threshold, start, end)
     doc["total"]["windows_used"] = used
     doc["total"]["windows_total"] = total
-    # Energy drawn provisioned-but-not-training: booting, waiting, release holds.
+    # Wasted provisioning energy: what sites draw while provisioned but not training (idle_kw),
+    # i.e. booting (provision_delay_s per provisioning cycle), waiting ready for a window that
+    # has not opened (or never comes), and windows skipped while provisioned. Training is never
+    # counted here, in or out of a window: training through a release hold above the
+    # threshold shows in the emissions and in train vs in-window hours instead. Zero for the
+    # oracle (instant provisioning, trains exactly while curtailed).
     doc["total"]["provisioning_energy_wasted_kwh"] = doc["total"]["idle_energy_kwh"]
     return doc
 

@@ -56,7 +56,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 QUERY_RETRY_S = 5.0  # wall seconds before re-asking a node that failed a QUERY
 IDLE_BLOCK_MS = 5000  # longest block on the signals stream with nothing in flight
-TRACE_DONE = ("done", "finished", "ended", "stopped")
+# energy simulation meta status -> run end reason (pilot/energy.py)
+SIM_ENDS = {"finished": "trace_end", "stopped": "trace_end", "failed": "energy_sim_failed"}
 
 
 class RunConfigError(ValueError):
@@ -457,9 +458,7 @@ class ElasticStrategy:
             return "data"
         if self.global_step >= self.cfg.num_iterations:
             return "steps"
-        if self.sig.status() in TRACE_DONE:
-            return "trace_end"
-        return None
+        return SIM_ENDS.get(self.sig.status() or "")
 
     def _tick(self) -> None:
         self._refresh_clock()

@@ -45,7 +45,7 @@ class Job:
     tokenizer_dir: str
     state_dir: str  # node-local: inner optimizer state lives here between rounds
     max_steps: int | None = None  # the run's step budget left
-    # CPU threads for a CPU-only site (0: all cores). Several local sites share one box, and
+    # Torch threads when training on the CPU (0: all cores). Several local sites share a box, and
     # oversubscribed torch threads spin: measured here, 2 threads under load ran a tiny model
     # 10-30x slower per step than 1 thread.
     cpu_threads: int = 0

@@ -367,7 +367,7 @@ def test_elastic_run_with_join_leave_and_restart(stack, redis_url):
         stack.wait_step(sig, "beta", r6["round"])
         driver.mci["beta"] = HIGH  # beta leaves too, the trace ends
         after = stack.wait("the last round's aggregate", _is("aggregate", round=r6["round"]))
-        sig.publish_meta(status="done")
+        sig.publish_meta(status="finished")
         end = stack.wait("run_end", _is("run_end"))
     finally:
         driver.halt.set()

@@ -138,3 +138,46 @@ def test_checkpoint_files(tmp_path):
     assert meta["step"] == 3 and torch.equal(model_state["w"], torch.full((2,), 3.0))
     with pytest.raises(FileNotFoundError):
         checkpoint.load(tmp_path / "empty")
+
+
+def _ddp_worker(rank, world, port, data_dir, tokenizer_dir, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    tok = Tokenizer.load(tokenizer_dir)
+    cfg = config()
+    model, opts = build_model(cfg)
+    loader = DataLoader(tok, data_dir, 4, 64, rank=rank, world=world, loop=True)
+    calls = iter([False, False, True] if rank == 1 else [False] * 10)  # only rank 1 asks to stop
+    result = run(model, opts, loader, cfg, should_stop=lambda: next(calls))
+    if rank == 0:
+        torch.save({"result": vars(result), "w": model.lm_head.weight.detach()}, out)
+    else:
+        torch.save({"w": model.lm_head.weight.detach()}, out + ".1")
+    dist.destroy_process_group()
+
+
+def test_ddp_run_agrees_on_stop_and_gathers_state(demo_data, tokenizer_dir, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "r.pt")
+    mp.spawn(
+        _ddp_worker, args=(2, port, str(demo_data), str(tokenizer_dir), out), nprocs=2, join=True
+    )
+    r = torch.load(out, weights_only=False)
+    result = r["result"]
+    assert result["stopped_by"] == "stop" and result["steps"] == 2
+    assert result["tokens"] == 2 * 512  # 2 ranks x 4 rows x 64 tokens per step
+    assert len(result["cursor"]) == 2 and result["cursor"][0] != result["cursor"][1]
+    keys = {f"{c.shard}:{c.row_group}" for c in chunk_table(demo_data)}
+    assert set(result["consumed"]) == keys  # both ranks' chunks, merged
+    assert torch.equal(r["w"], torch.load(out + ".1", weights_only=True)["w"])  # replicas agree

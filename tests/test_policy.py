@@ -59,12 +59,30 @@ def flicker_trace() -> Trace:
     return Trace(times, ["X"], np.array([vals]))
 
 
-@pytest.mark.parametrize("name", ["forecast", "prototype"])
-def test_flickering_signal_opens_one_window_and_closes_it_once(name):
+def late(trace: Trace, s: float) -> P.Forecaster:
+    """A perfect forecast ``s`` seconds late (a wrong one)."""
+    return P.perfect(Trace(trace.times + s, trace.regions, trace.values))
+
+
+@pytest.mark.parametrize(
+    "name,fc_name",
+    [
+        ("prototype", "persistence"),
+        ("forecast", "persistence"),
+        ("forecast", "perfect"),
+        ("forecast", "late-600"),
+        ("forecast", "late-5400"),
+    ],
+)
+def test_flickering_signal_opens_one_window_and_closes_it_once(name, fc_name):
     trace = flicker_trace()
     sc = sites_config(["X"])
     pol = P.make_policy(name, sc)
-    prov, train, _ = run_steps(pol, trace, sc, trace.times, P.persistence(trace))
+    if fc_name.startswith("late-"):
+        fc = late(trace, float(fc_name.split("-")[1]))
+    else:
+        fc = P.make_forecaster(fc_name, trace)
+    prov, train, _ = run_steps(pol, trace, sc, trace.times, fc)
     assert toggles(prov[0]) == 2 and toggles(train[0]) == 2
     # the oracle (no hysteresis) follows every flicker: the case is a real flicker
     _, train_o, _ = run_steps(P.make_policy("oracle", sc), trace, sc, trace.times, None)
@@ -152,6 +170,30 @@ def test_short_predicted_windows_are_skipped_and_long_ones_kept():
     assert prov_p[0, 12:14].all()
 
 
+def gap_trace() -> Trace:
+    """Two windows 15 min apart (a wind lull between two dips), then one long one."""
+    vals = [300.0] * 12 + [60.0] * 24 + [300.0] * 3 + [60.0] * 24 + [300.0] * 12
+    return Trace(1.7e9 + 300.0 * np.arange(len(vals)), ["X"], np.array([vals]))
+
+
+@pytest.mark.parametrize("tick_s", [300.0, 60.0])
+def test_a_right_forecast_leaves_the_window_at_once_and_is_back_in_time(tick_s):
+    trace = gap_trace()
+    sc = sites_config(["X"])
+    ticks = np.arange(trace.start, trace.end, tick_s)
+    prov, train, _ = run_steps(P.make_policy("forecast", sc), trace, sc, ticks, P.perfect(trace))
+    below = trace.series("X", ticks) < THR
+    # trains exactly while below, like the oracle; released in the 15-min gap and back ready
+    np.testing.assert_array_equal(train[0], below)
+    idle = prov[0] & ~train[0]
+    assert idle.sum() == 2 * math.ceil(DELAY / tick_s)  # one boot per window, no hold
+    # the prototype (and a persistence forecast, which cannot see the end) trains through
+    # the gap and 600 s past the end
+    for name, fc in (("prototype", None), ("forecast", P.persistence(trace))):
+        _, tr_p, _ = run_steps(P.make_policy(name, sc), trace, sc, ticks, fc)
+        assert (tr_p[0] & ~below).sum() * tick_s >= 2 * 600
+
+
 def test_predicted_window_that_never_comes_is_abandoned_after_release_delay():
     vals = [300.0] * 60
     times = 1.7e9 + 300.0 * np.arange(len(vals))
@@ -210,7 +252,7 @@ def test_batch_decisions_equal_step_decisions(name, fc_name, tick_s, enter_dwell
 def _cols(fa, a, b):
     if fa is None:
         return None
-    return P.ForecastArrays(fa.now_value[:, a:b], fa.t_open[:, a:b], fa.t_close[:, a:b])
+    return P.ForecastArrays(*(x[:, a:b] for x in (fa.now_value, fa.t_open, fa.t_close, fa.t_up)))
 
 
 def test_forecast_arrays_equal_outlook_of_forecast_lists():
@@ -225,7 +267,11 @@ def test_forecast_arrays_equal_outlook_of_forecast_lists():
                     assert math.isnan(fa.now_value[i, k])
                     continue
                 assert fa.now_value[i, k] == pytest.approx(ol.now_value)
-                for got, want in ((fa.t_open[i, k], ol.t_open), (fa.t_close[i, k], ol.t_close)):
+                for got, want in (
+                    (fa.t_open[i, k], ol.t_open),
+                    (fa.t_close[i, k], ol.t_close),
+                    (fa.t_up[i, k], ol.t_up),
+                ):
                     assert got == pytest.approx(want, abs=1e-3) or (
                         math.isinf(got) and math.isinf(want)
                     )

@@ -87,9 +87,10 @@ def test_oracle_trains_exactly_while_curtailed_with_no_provisioning_energy():
 def test_forecast_policy_is_ready_when_the_window_opens():
     doc, ev = simulate.simulate(one_window_trace(), one_site(), "forecast", forecaster="perfect")
     ((p0, _),) = spans(ev, "provision_started", "deprovision")
-    ((t0, _),) = trains(ev)
-    assert t0 == 7500.0  # the first tick inside the window, like the oracle
-    assert p0 <= t0 - DELAY
+    ((t0, t1),) = trains(ev)
+    assert (t0, t1) == (7500.0, 18060.0)  # like the oracle: no release hold past the end
+    assert p0 == t0 - DELAY  # booted as late as possible
+    assert doc["total"]["provisioning_energy_wasted_kwh"] == pytest.approx(IDLE * DELAY / 3600)
     assert (
         doc["total"]["in_window_train_hours"]
         >= simulate.simulate(one_window_trace(), one_site(), "prototype")[0]["total"][

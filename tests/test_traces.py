@@ -120,13 +120,24 @@ def test_synthetic_is_seeded_realistic_and_dips_at_local_midday():
     np.testing.assert_array_equal(a.values, b.values)
     assert not np.array_equal(a.values, T.synthetic(regions, 96, seed=2).values)
     assert a.step == 300.0 and a.values.min() >= 20 and a.values.max() <= 900
+    smooth = T.synthetic(regions, 96, seed=1, gusts=False)
+    # gusts only lower the signal, and only in places
+    assert (a.values <= smooth.values).all() and (a.values == smooth.values).mean() > 0.9
+    short_off_midday = 0
     for r in regions:
-        w = T.windows(a.times, a.row(r), 100.0)
-        assert len(w) >= 3, r
         off = T.REGION_UTC_OFFSET_H[r]
-        for lo, hi in w:
+        w = T.windows(smooth.times, smooth.row(r), 100.0)
+        assert len(w) >= 3, r
+        for lo, hi in w:  # without gusts: the solar dips only, at local midday
             mid_local_h = ((lo + hi) / 2 / 3600 + off) % 24
             assert 9.5 <= mid_local_h <= 14.5, (r, mid_local_h)
+        for lo, hi in T.windows(a.times, a.row(r), 100.0):
+            mid_local_h = ((lo + hi) / 2 / 3600 + off) % 24
+            if hi - lo >= 3600:  # the long windows are still the solar ones
+                assert 9.5 <= mid_local_h <= 14.5, (r, mid_local_h)
+            elif not 9 <= mid_local_h <= 15:
+                short_off_midday += 1
+    assert short_off_midday >= 2 * len(regions)  # wind dips at other hours
     with pytest.raises(TraceError, match="no UTC offset known for region\\(s\\) PJM"):
         T.synthetic(["PJM"], 24, seed=1)
     assert T.synthetic(["PJM"], 24, seed=1, utc_offsets={"PJM": -5}).regions == ["PJM"]
@@ -153,6 +164,9 @@ def test_cli_synth_then_check_roundtrips(tmp_path, capsys):
     tr = load_trace(out)
     ref = T.synthetic(["CAISO_NORTH", "NEM_SA"], 24, seed=3)
     np.testing.assert_allclose(tr.values, ref.values, atol=0.006)
+    assert T.main(["synth", "--hours", "24", "--seed", "3", "--no-gusts", "--out", str(out)]) == 0
+    smooth = T.synthetic(["CAISO_NORTH", "SPP_TX", "NEM_SA"], 24, seed=3, gusts=False)
+    np.testing.assert_allclose(load_trace(out).values, smooth.values, atol=0.006)
     assert T.main(["check", str(out)]) == 0
     assert "windows < 100" in capsys.readouterr().out
 
@@ -172,3 +186,6 @@ def test_bundled_default_trace_is_valid():
     assert tr.regions == ["CAISO_NORTH", "SPP_TX", "NEM_SA"]
     assert tr.end - tr.start == 48 * 3600 and tr.step == 300
     assert all(T.windows(tr.times, tr.row(r), 100.0) for r in tr.regions)
+    # it is the smooth seed-1 trace (generated before gusts existed; the demo is tuned on it)
+    ref = T.synthetic(tr.regions, 48, seed=1, gusts=False)
+    np.testing.assert_allclose(tr.values, ref.values, atol=0.006)

@@ -75,8 +75,9 @@ class SubprocessProvisioner(Provisioner):
         self._nodes: dict[str, _Node] = {}
         self._lock = threading.Lock()
         self._stoppers: list[threading.Thread] = []
-        cpu_sites = sum(1 for s in self.sites.values() if not s.gpus)
-        self.cpu_threads = max(1, (os.cpu_count() or 1) // max(1, cpu_sites))
+        # Every local site shares this machine's cores when it trains on the CPU (a CPU-only
+        # site, or a GPU site config run on a box without CUDA); ignored on GPUs.
+        self.cpu_threads = max(1, (os.cpu_count() or 1) // max(1, len(self.sites)))
 
     # -- helpers ------------------------------------------------------------------------------
     def _site(self, name: str) -> Any:
@@ -109,8 +110,7 @@ class SubprocessProvisioner(Provisioner):
 
     def argv(self, site: str, port: int) -> list[str]:
         node_config = f'{self._marker(site)} state-dir="{self._node_dir(site)}"'
-        if not self._site(site).gpus:  # CPU sites share this machine's cores
-            node_config += f" cpu-threads={self.cpu_threads}"
+        node_config += f" cpu-threads={self.cpu_threads}"
         return [
             self.executable,
             "--insecure",
