@@ -27,8 +27,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -241,11 +243,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
     speedup = float(opts["speedup"] or launch.get("speedup", 1.0))
     if speedup <= 0:
         raise LaunchError(f"--speedup must be > 0 (got {speedup})")
-    hours = opts["hours"]
-    if hours is not None and hours <= 0:
+    # The preset's replay window belongs to the preset's own trace; another --trace is
+    # replayed from its start unless --start/--hours say otherwise.
+    own = {} if opts["trace"] else launch
+    start = opts["start"] if opts["start"] is not None else own.get("start")
+    hours = opts["hours"] if opts["hours"] is not None else own.get("hours")
+    if hours is not None and float(hours) <= 0:
         raise LaunchError(f"--hours must be > 0 (got {hours})")
-    if opts["start"] is not None or hours is not None:
-        check_span(trace_obj, opts["start"], hours)
+    if start is not None or hours is not None:
+        check_span(trace_obj, start, None if hours is None else float(hours))
 
     run_name = opts["run_name"] or f"{opts['preset']}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run_name):
@@ -264,11 +270,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if opts["steps"] <= 0:
             raise LaunchError(f"--steps must be > 0 (got {opts['steps']})")
         run_config["num-iterations"] = opts["steps"]
+    keys = run_config_keys()
     for item in opts["set"]:
-        key, sep, value = item.partition("=")
+        key, sep, value = (x.strip() for x in item.partition("="))
         if not sep or not key:
-            raise LaunchError(f"--set {item!r}: write KEY=VALUE, e.g. --set round-s=600")
-        run_config[key.strip()] = parse_value(value.strip())
+            raise LaunchError(f"--set {item!r}: write KEY=VALUE, e.g. --set superlink=HOST:PORT")
+        if key not in keys:
+            raise LaunchError(f"--set {key}: not a run-config key; use one of {', '.join(keys)}")
+        run_config[key] = parse_value(value)
 
     redis_url = opts["redis_url"]
     if redis_url:
@@ -281,8 +290,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         trace=trace,
         sites=sites,
         speedup=speedup,
-        start=opts["start"],
-        hours=hours,
+        start=start,
+        hours=None if hours is None else float(hours),
         run_name=run_name,
         run_dir=run_dir,
         port=port,
@@ -294,6 +303,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         live=not opts["no_live"] and sys.stdout.isatty(),
         timeout=opts["timeout"],
     )
+
+
+def run_config_keys() -> list[str]:
+    """Keys the Flower app declares (pyproject [tool.flwr.app.config]); flwr refuses others."""
+    doc = tomllib.loads((REPO / "pyproject.toml").read_text())
+    return sorted(doc["tool"]["flwr"]["app"].get("config", {}))
 
 
 def parse_value(text: str) -> Any:
@@ -343,7 +358,8 @@ def check_span(trace: Any, start: str | None, hours: float | None) -> None:
     t1 = trace.end if hours is None else t0 + hours * 3600.0
     if not trace.start <= t0 < t1 <= trace.end:
         raise LaunchError(
-            f"--start/--hours span {iso(t0)} .. {iso(t1)} is outside the trace"
+            f"the replay window (--start/--hours or the preset's) {iso(t0)} .. {iso(t1)} is"
+            " outside the trace"
             f" ({iso(trace.start)} .. {iso(trace.end)}): pick a span inside it"
         )
 
@@ -414,7 +430,10 @@ def prepare_data(launch: dict[str, Any], allowed: bool, say: Callable[[str], Non
     env = child_env(None)
     if not data_ok:
         say(f"first use: building the offline demo corpus in {data_dir} ...")
-        run_step([sys.executable, "-m", "nanochat.dataset", "demo", "--out", str(data_dir)], env)
+        argv = [sys.executable, "-m", "nanochat.dataset", "demo", "--out", str(data_dir)]
+        if "max_doc_chars" in launch:  # shorter documents crop less at short sequence lengths
+            argv += ["--max-doc-chars", str(int(launch["max_doc_chars"]))]
+        run_step(argv, env)
     if not tok_ok:
         vocab = int(launch.get("vocab_size", 8192))
         say(f"first use: training a {vocab}-token tokenizer into {tok_dir} ...")
@@ -509,13 +528,16 @@ def run_stack(plan: Plan, view: LiveView) -> Outcome:
     try:
         # 1. Redis
         url = plan.redis_url
-        if url is None:
-            # Its config file (holding the password) lives in a private temp dir, removed on stop.
-            valkey = EmbeddedValkey(password=secrets.token_urlsafe(24)).start()
-            url = valkey.url
-        # A clear error (URL redacted) if the server refuses us; then an empty namespace for
-        # the run, so nobody reads a past run's status or events under the same name.
-        Signals(connect(url), plan.run_name).clear()
+        try:
+            if url is None:
+                # Its config file (holding the password) is in a private temp dir, removed on stop.
+                valkey = EmbeddedValkey(password=secrets.token_urlsafe(24))
+                url = valkey.start().url
+            # A clear error (URL redacted) if the server refuses us; then an empty namespace
+            # for the run, so nobody reads a past run's status or events under the same name.
+            Signals(connect(url), plan.run_name).clear()
+        except (RuntimeError, ConnectionError) as e:
+            raise LaunchError(f"Redis is not usable: {e}") from None
         # The view gets its own client without retries: a Redis that went away must not
         # stall the watch loop or the teardown in connection back-off.
         client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2)
@@ -548,7 +570,10 @@ def run_stack(plan: Plan, view: LiveView) -> Outcome:
         )
         run_id = flwr_run_id(run_log)
         if run_id is None:
-            return Outcome("failed", f"flwr run could not start the run: {tail(run_log, 5)}")
+            lines = [ln for ln in tail(run_log, 20).splitlines() if ln.strip()]
+            return Outcome(
+                "failed", f"flwr run could not start the run: {lines[-1] if lines else '?'}"
+            )
         view.phase(f"Flower run {run_id} started")
 
         # 4. energy simulation. Started last on purpose: the ServerApp waits for its clock, so
@@ -719,6 +744,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # LaunchError and the config/trace errors of other modules
         print(f"curtail-llm: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug: everything is torn down already; keep the details on disk
+        where = Path(tempfile.gettempdir()) / f"curtail-llm-{os.getpid()}.traceback"
+        where.write_text(traceback.format_exc())
+        print(
+            f"curtail-llm: internal error: {type(e).__name__}: {e} (traceback: {where})",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

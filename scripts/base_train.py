@@ -213,6 +213,11 @@ def train(args, device, autocast_ctx, rank: int, world: int) -> int:
     print0(f"tokens {tokens:,} in {elapsed:.0f}s = {tokens / max(elapsed, 1e-9):,.0f} tok/s")
     if losses:
         print0(f"train loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        stats = result.stats  # the loader's running totals, summed over ranks
+        cropped = stats["cropped_tokens"] / max(1, stats["cropped_tokens"] + stats["tokens"])
+        print0(
+            f"data: {stats['docs']:,} documents read, {cropped:.0%} of their tokens cropped by BOS-aligned packing"
+        )
     print0("val bpb: " + ", ".join(f"{h['step']}: {h['val_bpb']:.4f}" for h in history))
     print0(f"checkpoints in {run_dir}")
     return 0

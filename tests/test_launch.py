@@ -201,6 +201,18 @@ def test_unbuilt_tokenizer_with_no_prepare_says_to_prepare_it(tmp_path):
     assert marked(mark) == []
 
 
+def test_unknown_run_config_key_names_the_declared_ones(tmp_path):
+    res, mark = launch(["--set", "no-such-key=1"], tmp_path)
+    assert_one_line_error(res, "--set no-such-key", "run-name", "num-iterations")
+    assert marked(mark) == []
+
+
+def test_replay_window_outside_the_trace_is_refused(tmp_path):
+    res, mark = launch(["--start", "2031-01-01T00:00:00Z"], tmp_path)
+    assert_one_line_error(res, "outside the trace", "2031-01-01")
+    assert marked(mark) == []
+
+
 # --- interrupt: the real stack, stopped early ---------------------------------------------
 
 

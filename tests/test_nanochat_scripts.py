@@ -1,22 +1,20 @@
 """scripts/: tokenizer training, baseline training with checkpoint + resume, checkpoint loss."""
 
 import pytest
-import torch
 
 from nanochat import checkpoint
 from scripts import base_loss, base_train, tok_train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    yield
-    torch.set_num_threads(1)  # device_setup chose threads for the process; restore for others
-
-
 def test_tok_train_reports_compression(demo_data, tmp_path, capsys, bpe_trainer):
     if type(bpe_trainer()).__name__ == "PyBPETrainer":
         pytest.skip("rustbpe extension not built (scripts/tok_train uses it directly)")
-    assert tok_train.main(["--data-dir", str(demo_data), "--out", str(tmp_path), "--vocab-size", "512"]) == 0
+    assert (
+        tok_train.main(
+            ["--data-dir", str(demo_data), "--out", str(tmp_path), "--vocab-size", "512"]
+        )
+        == 0
+    )
     assert "bytes/token" in capsys.readouterr().out
     assert (tmp_path / "tokenizer.json").is_file()
 
@@ -35,7 +33,14 @@ def test_base_train_resume_and_base_loss(demo_data, tokenizer_dir, tmp_path, cap
     assert "resumed" in out and "global step 6/6" in out
     meta = checkpoint.load(tmp_path)[2]
     assert [h["step"] for h in meta["history"]] == [0, 3, 6]
-    args = ["--checkpoint", str(tmp_path), "--data-dir", str(demo_data), "--tokenizer-dir", str(tokenizer_dir)]
+    args = [
+        "--checkpoint",
+        str(tmp_path),
+        "--data-dir",
+        str(demo_data),
+        "--tokenizer-dir",
+        str(tokenizer_dir),
+    ]
     assert base_loss.main([*args, "--eval-tokens", "512", "--threads", "1", "--device", "cpu"]) == 0
     assert "val bpb" in capsys.readouterr().out
     assert base_train.main([*common, "--run-dir", str(tmp_path / "none"), "--resume"]) == 2

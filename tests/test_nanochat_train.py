@@ -149,7 +149,7 @@ def _ddp_worker(rank, world, port, data_dir, tokenizer_dir, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     tok = Tokenizer.load(tokenizer_dir)
-    cfg = config()
+    cfg = config(device_batch_size=4)
     model, opts = build_model(cfg)
     loader = DataLoader(tok, data_dir, 4, 64, rank=rank, world=world, loop=True)
     calls = iter([False, False, True] if rank == 1 else [False] * 10)  # only rank 1 asks to stop
