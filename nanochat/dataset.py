@@ -32,6 +32,8 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nanochat.common import resolve
+
 SHARD_RE = re.compile(r"^shard_(\d{5})\.parquet$")
 # nanochat's pre-shuffled FineWeb-EDU (100B tokens in 1823 shards of ~100 MB, text column).
 FINEWEB_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
@@ -375,8 +377,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         p.add_argument("--max-doc-chars", type=int, default=4000)
     for p in (p_text, p_demo, p_dl):
-        p.add_argument("--out", required=True, help="data dir to write shards into")
+        p.add_argument(
+            "--out",
+            required=True,
+            help="data dir to write shards into (relative: under $CURTAIL_HOME)",
+        )
     args = parser.parse_args(argv)
+    args.out = resolve(args.out)  # like every other CLI here: relative paths live in $CURTAIL_HOME
     try:
         if args.cmd == "download":
             download(args.num, args.out, args.base_url, workers=args.workers, retries=args.retries)
