@@ -2,6 +2,7 @@
 
     curtail-llm up [--preset cpu-demo] [--trace FILE] [--redis-url URL] [--speedup S] ...
     python -m pilot.launch ...            (same thing)
+    curtail-llm prepare [--preset P]      (only build the demo corpus and tokenizer)
 
 Order of bring-up (each step checked before the next starts):
   1. Redis: an embedded Valkey on loopback with a random password, or --redis-url (pinged);
