@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             threshold=sites.threshold if a.threshold is None else a.threshold,
             forecaster=a.forecaster or sites.forecaster,
             horizon_s=sites.horizon_s if a.horizon is None else a.horizon,
+            trace_source=",".join(str(t) for t in trace_arg)
+            if isinstance(trace_arg, list)
+            else str(trace_arg),
         )
         trace.require(cfg.start, cfg.end)
         r = connect(a.redis_url)

@@ -44,6 +44,7 @@ class SimConfig:
     threshold: float = 100.0
     forecaster: str = "perfect"
     horizon_s: float = 3600.0
+    trace_source: str = ""  # the trace file(s) replayed, published so reports use the same one
 
     @property
     def end(self) -> float:
@@ -108,6 +109,7 @@ class Publisher(vs.Controller):
             end=repr(self.cfg.end),
             horizon_s=self.cfg.horizon_s,
             forecaster=self.cfg.forecaster,
+            trace=self.cfg.trace_source,
         )
         self.signals.event("energy_sim", status="running", start=self.cfg.start, end=self.cfg.end)
 

@@ -258,6 +258,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run_name):
         raise LaunchError(f"--run-name {run_name!r}: use letters, digits, '.', '_' or '-'")
     run_dir = resolve(launch.get("runs_dir", "runs"), curtail_home()) / run_name
+    start, hours = continue_replay(run_dir, trace_obj, start, hours)
 
     port = opts["port"] if opts["port"] is not None else int(launch.get("superlink_port", 0))
     port = claim_port(port, "--port")
@@ -346,6 +347,32 @@ def check_trace_covers_sites(trace: list[str], sites: Path) -> tuple[Any, Any]:
             f" pass a trace with them (has: {', '.join(tr.regions)})"
         )
     return tr, cfg
+
+
+def continue_replay(
+    run_dir: Path, trace: Any, start: str | None, hours: float | None
+) -> tuple[str | None, float | None]:
+    """Reusing a run name resumes that run (the ServerApp loads its checkpoint): the energy
+    simulation must then continue from the last recorded simulated time, or simulated time
+    would run backwards through the carbon ledger."""
+    from pilot.traces import iso, parse_time
+
+    events = run_dir / "events.jsonl"
+    if not events.is_file():
+        return start, hours
+    times = [json.loads(line).get("t") for line in events.read_text().splitlines() if line]
+    times = [float(t) for t in times if t is not None]
+    if not times:
+        return start, hours
+    t0 = trace.start if start is None else parse_time(start)
+    end = trace.end if hours is None else t0 + float(hours) * 3600.0
+    resume_t = max(times)
+    if resume_t >= end:
+        raise LaunchError(
+            f"run {run_dir.name} already replayed its window up to {iso(resume_t)}:"
+            " pick a new --run-name (or a later --hours)"
+        )
+    return iso(max(resume_t, t0)), (end - max(resume_t, t0)) / 3600.0
 
 
 def check_span(trace: Any, start: str | None, hours: float | None) -> None:

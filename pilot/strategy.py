@@ -428,7 +428,8 @@ class ElasticStrategy:
             "run_start",
             run=self.cfg.name,
             preset=str(self.cfg.preset),
-            trace=str(self.sites.trace) if self.sites.trace else meta.get("trace"),
+            # the trace the energy simulation replays wins over the sites file's default
+            trace=meta.get("trace") or (str(self.sites.trace) if self.sites.trace else None),
             sites=str(self.cfg.sites_file),
             threshold=self.sites.threshold,
             policy=self.policy.cfg.name,
@@ -817,18 +818,22 @@ class ElasticStrategy:
         metrics, report = content["metrics"], content["report"]
         tokens, steps = int(metrics["tokens"]), int(metrics["steps"])
         loss, energy = float(metrics["loss"]), float(metrics["energy_j"])
-        # Energy was spent whether or not the weights are usable: account it first.
-        for start, end in json.loads(str(report["intervals"])):
+        # Energy was spent whether or not the weights are usable: account it first. A measured
+        # total is shared among the reply's intervals by duration, so it is counted once.
+        spans = [(float(s), float(e)) for s, e in json.loads(str(report["intervals"]))]
+        total_s = sum(e - s for s, e in spans)
+        for start, end in spans:
+            share = (end - start) / total_s if total_s > 0 else 1.0 / len(spans)
             self.events.emit(
                 "train_interval",
                 site=site,
                 round=self.round.n,
-                start=self.clock.sim_now(float(start)),
-                end=self.clock.sim_now(float(end)),
+                start=self.clock.sim_now(start),
+                end=self.clock.sim_now(end),
                 tokens=tokens,
                 steps=steps,
                 loss=loss if steps else None,
-                energy_j=energy if energy >= 0 else None,
+                energy_j=energy * share if energy >= 0 else None,
                 stopped_by=str(report["stopped_by"]),
             )
         if str(report["site"]) != site:
@@ -839,12 +844,10 @@ class ElasticStrategy:
         validate_state(state, self.global_state, self.dtype)
         consumed = {str(k): int(v) for k, v in json.loads(str(report["consumed"])).items()}
         new_rows = self.ledger.check(site, consumed)
-        intervals = json.loads(str(report["intervals"]))
-        seconds = sum(float(e) - float(s) for s, e in intervals)
-        if new_rows > 0 and seconds > 0:
-            self.rate[site] = new_rows / seconds
-        if intervals:  # TRAIN pushed -> first step: process start, imports, model, data
-            lag = float(intervals[0][0]) - self.round.participants[site].sent_wall
+        if new_rows > 0 and total_s > 0:
+            self.rate[site] = new_rows / total_s
+        if spans:  # TRAIN pushed -> first step: process start, imports, model, data
+            lag = spans[0][0] - self.round.participants[site].sent_wall
             self.startup_s = lag if self.startup_s is None else 0.5 * (self.startup_s + lag)
         return Reply(site, state, tokens, steps, loss, consumed)
 

@@ -257,6 +257,9 @@ def _cmd(pid: int) -> str:
         return ""
 
 
+NEAR_WINDOW = ["--start", "2024-06-01T16:05:00Z", "--hours", "4"]
+
+
 def _stop_mid_run(action: str, home: Path):
     """Launch the cpu-demo, wait until a SuperNode runs (so the tree holds Valkey, the energy
     simulation, the SuperLink, its detached SuperExec, the ServerApp and a SuperNode in its own
@@ -266,7 +269,8 @@ def _stop_mid_run(action: str, home: Path):
     env = {**os.environ, MARK: mark, "CURTAIL_HOME": str(home)}
     logs = home / "runs" / action / "logs"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pilot.launch", "--run-name", action, "--no-live"],
+        # Minutes before Texas's window opens, so a SuperNode is provisioned within seconds.
+        [sys.executable, "-m", "pilot.launch", "--run-name", action, "--no-live", *NEAR_WINDOW],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -389,3 +393,22 @@ def test_live_table_renders_every_site_and_the_totals(redis_url):
     text = out.export_text()
     assert all(name in text for name in sites.names)
     assert "FEDERATED" in text and "emissions" in text and "global step" in text
+
+
+def test_reused_run_name_continues_the_replay_where_the_run_stopped(tmp_path):
+    from pilot.launch import LaunchError, continue_replay
+    from pilot.traces import parse_time, synthetic
+
+    trace = synthetic(["SPP_TX"], hours=24, seed=1)
+    run_dir = tmp_path / "run"
+    assert continue_replay(run_dir, trace, None, 10.0) == (None, 10.0)  # a new run: unchanged
+
+    run_dir.mkdir()
+    stopped = trace.start + 4 * 3600.0
+    lines = [f'{{"kind": "mode", "t": {t}}}' for t in (trace.start, stopped)]
+    (run_dir / "events.jsonl").write_text("\n".join(lines) + "\n")
+    start, hours = continue_replay(run_dir, trace, None, 10.0)
+    assert parse_time(start) == stopped and hours == pytest.approx(6.0)
+
+    with pytest.raises(LaunchError, match="pick a new --run-name"):
+        continue_replay(run_dir, trace, None, 3.0)
