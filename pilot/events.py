@@ -17,6 +17,24 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# Every kind the ServerApp emits (fields per kind: pilot/report.py's docstring).
+EVENT_KINDS = (
+    "run_start",
+    "mode",
+    "provision_decided",
+    "provision_started",
+    "provision_complete",
+    "deprovision",
+    "round_start",
+    "join",
+    "leave",
+    "train_interval",
+    "round_end",
+    "aggregate",
+    "fault",
+    "run_end",
+)
+
 
 class EventLog:
     def __init__(

@@ -26,6 +26,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from pilot.events import EVENT_KINDS
+
 STATE_STYLE = {
     "training": "bold green",
     "provisioning": "yellow",
@@ -177,19 +179,8 @@ def _float_or_str(v: str) -> float | str:
 
 
 # Events worth a line of their own (the rest only feed the state).
-NOTABLE = {
-    "run_start",
-    "mode",
-    "provision_started",
-    "provision_complete",
-    "deprovision",
-    "round_start",
-    "join",
-    "leave",
-    "aggregate",
-    "fault",
-    "run_end",
-    "energy_sim",
+NOTABLE = (set(EVENT_KINDS) - {"provision_decided", "train_interval", "round_end"}) | {
+    "energy_sim"  # published by the energy simulation, not the ServerApp
 }
 
 

@@ -53,24 +53,9 @@ from typing import Any
 import numpy as np
 
 from pilot.carbon import Interval, Ledger, windows
+from pilot.events import EVENT_KINDS
 
 MODE_COLORS = {"PAUSE": "#d9d9d9", "LOCAL": "#fdd49e", "FEDERATED": "#a1d99b"}
-EVENT_KINDS = (
-    "run_start",
-    "mode",
-    "provision_decided",
-    "provision_started",
-    "provision_complete",
-    "deprovision",
-    "round_start",
-    "join",
-    "leave",
-    "train_interval",
-    "round_end",
-    "aggregate",
-    "fault",
-    "run_end",
-)
 
 
 # --- events -----------------------------------------------------------------------------------

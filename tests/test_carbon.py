@@ -1,42 +1,28 @@
 """Carbon ledger on hand-computable traces: every expected number below is worked out by hand."""
 
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-from pilot import carbon
+from pilot import carbon, sites
 from pilot.carbon import Interval, Ledger
+from pilot.traces import Trace
 
 
-class LinearTrace:
-    """The trace contract (series/start/end) over np.interp, so these tests pin carbon.py alone."""
-
-    def __init__(self, times, **regions):
-        self.times = np.asarray(times, dtype=float)
-        self.regions = {k: np.asarray(v, dtype=float) for k, v in regions.items()}
-        self.start, self.end = float(self.times[0]), float(self.times[-1])
-
-    def series(self, region, ts):
-        ts = np.asarray(ts, dtype=float)
-        if ts.size and (ts.min() < self.start or ts.max() > self.end):
-            raise ValueError("outside the trace")
-        return np.interp(ts, self.times, self.regions[region])
+def LinearTrace(times, **regions) -> Trace:
+    """A real trace from hand-picked points (linear in between): numbers stay hand-computable."""
+    return Trace(times, list(regions), [regions[r] for r in regions])
 
 
-@dataclass
-class Site:
-    name: str
-    region: str
-    train_kw: float
-    idle_kw: float
+def Site(name, region, train_kw, idle_kw) -> sites.Site:
+    return sites.Site(
+        name, region, gpus=[], train_kw=train_kw, idle_kw=idle_kw, provision_delay_s=0
+    )
 
 
-@dataclass
-class Sites:
-    sites: list
-    threshold: float
+def Sites(site_list, threshold) -> sites.SitesConfig:
+    return sites.SitesConfig(site_list, threshold=threshold)
 
 
 A = Site("a", "A", train_kw=2.0, idle_kw=0.5)

@@ -1,14 +1,10 @@
 """scripts/: tokenizer training, baseline training with checkpoint + resume, checkpoint loss."""
 
-import pytest
-
 from nanochat import checkpoint
 from scripts import base_loss, base_train, tok_train
 
 
-def test_tok_train_reports_compression(demo_data, tmp_path, capsys, bpe_trainer):
-    if type(bpe_trainer()).__name__ == "PyBPETrainer":
-        pytest.skip("rustbpe extension not built (scripts/tok_train uses it directly)")
+def test_tok_train_reports_compression(demo_data, tmp_path, capsys):
     assert (
         tok_train.main(
             ["--data-dir", str(demo_data), "--out", str(tmp_path), "--vocab-size", "512"]

@@ -61,17 +61,17 @@ def test_save_load_identical(tok, tmp_path):
     assert (tmp_path / "token_bytes.pt").is_file()
 
 
-def test_train_small_corpus(bpe_trainer):
+def test_train_small_corpus():
     texts = ["hello hello hello world"] * 50 + [
         f"word{i} and more words {i * 7}" for i in range(200)
     ]
-    tok = Tokenizer.train(texts, vocab_size=300, trainer=bpe_trainer())
+    tok = Tokenizer.train(texts, vocab_size=300)
     assert tok.vocab_size == 300
     assert len(tok.encode(" hello")) == 1
 
 
-def test_errors(tmp_path, bpe_trainer):
+def test_errors(tmp_path):
     with pytest.raises(TokenizerError, match="too small"):
-        Tokenizer.train(["abc"], vocab_size=100, trainer=bpe_trainer())
+        Tokenizer.train(["abc"], vocab_size=100)
     with pytest.raises(TokenizerError, match="tok_train"):
         Tokenizer.load(tmp_path / "nowhere")

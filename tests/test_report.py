@@ -1,39 +1,15 @@
 """Run reports from an events stream: files written, numbers consistent with the ledger, figure non-trivial."""
 
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from test_carbon import LinearTrace, Site, Sites
 
 from pilot import report
 from pilot.carbon import Interval, Ledger
 
 T0 = 1_767_225_600.0  # 2026-01-01 00:00 UTC
-
-
-class LinearTrace:
-    def __init__(self, times, **regions):
-        self.times = np.asarray(times, dtype=float)
-        self.regions = {k: np.asarray(v, dtype=float) for k, v in regions.items()}
-        self.start, self.end = float(self.times[0]), float(self.times[-1])
-
-    def series(self, region, ts):
-        return np.interp(np.asarray(ts, dtype=float), self.times, self.regions[region])
-
-
-@dataclass
-class Site:
-    name: str
-    region: str
-    train_kw: float
-    idle_kw: float
-
-
-@dataclass
-class Sites:
-    sites: list
-    threshold: float
 
 
 SITES = Sites([Site("ca", "CAISO_NORTH", 2.024, 0.468), Site("tx", "SPP_TX", 2.024, 0.468)], 100.0)
