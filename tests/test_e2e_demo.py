@@ -122,6 +122,10 @@ def test_demo_loss_falls_and_the_report_matches_its_events(demo_run):
     assert report["total"]["energy_kwh"] > 0
     for key in ("energy_kwh", "emissions_kg", "train_hours"):
         assert report["total"][key] == pytest.approx(replay["total"][key], rel=1e-6), key
+    # The report rests on the ServerApp's live ledger, and the what-if simulator replaying this
+    # run's recorded events through its power model agrees with it within 1%.
+    assert report["ledger_source"] == "ledger.json"
+    assert report["replay_check"]["rel_diff"] < 0.01, report["replay_check"]
 
 
 def test_demo_leaves_no_process_no_port_and_no_secret_behind(demo_run):
