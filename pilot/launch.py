@@ -731,6 +731,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for s in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, _raise_interrupted)
+    # A shell starts background jobs with SIGINT ignored, and Python then leaves it ignored:
+    # Ctrl-C (or a SIGINT to our process group) must still tear the stack down.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     view: LiveView | None = None
     try:
         if args.command == "prepare":
