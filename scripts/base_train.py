@@ -114,31 +114,18 @@ def train(args, device, autocast_ctx, rank: int, world: int) -> int:
         f"{grad_accum} accum = {cfg.total_batch_size:,} tokens/step | {cfg.num_iterations} steps | "
         f"device {device}, {torch.get_num_threads()} threads/proc"
     )
-    loader = DataLoader(
-        tok,
-        data_dir,
-        cfg.device_batch_size,
-        cfg.sequence_len,
-        rank=rank,
-        world=world,
-        cursor=cursor,
-        loop=args.loop,
-        device=device,
-    )
+
+    def make_loader(**kw) -> DataLoader:
+        return DataLoader(
+            tok, data_dir, cfg.device_batch_size, cfg.sequence_len, rank=rank, world=world,
+            device=device, **kw,
+        )  # fmt: skip
+
+    loader = make_loader(cursor=cursor, loop=args.loop)
     eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.sequence_len * world))
 
     def validate(step: int) -> float:
-        val = DataLoader(
-            tok,
-            data_dir,
-            cfg.device_batch_size,
-            cfg.sequence_len,
-            rank=rank,
-            world=world,
-            split="val",
-            device=device,
-        )
-        bpb = evaluate_bpb(model, val, token_bytes, eval_steps, autocast_ctx)
+        bpb = evaluate_bpb(model, make_loader(split="val"), token_bytes, eval_steps, autocast_ctx)
         print0(f"step {step:5d} | val bpb {bpb:.4f}")
         return bpb
 
