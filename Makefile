@@ -12,11 +12,8 @@ PRESET ?= cpu-demo
 
 setup: $(VENV)/.setup-done
 
-$(VENV)/.setup-done: pyproject.toml scripts/build_rustbpe.sh $(wildcard rustbpe/Cargo.toml rustbpe/src/*.rs)
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check '$(TORCH_SPEC)'
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
-	VENV=$(VENV) bash scripts/build_rustbpe.sh
+$(VENV)/.setup-done: pyproject.toml scripts/setup.sh scripts/build_rustbpe.sh $(wildcard rustbpe/Cargo.toml rustbpe/src/*.rs)
+	PYTHON=$(PYTHON) VENV=$(VENV) TORCH_SPEC='$(TORCH_SPEC)' bash scripts/setup.sh
 	touch $@
 
 demo: setup

@@ -3,8 +3,11 @@
 #
 #   scripts/build_rustbpe.sh                     # into $VENV, default ./.venv
 #   RUSTBPE_OFFLINE=1 scripts/build_rustbpe.sh   # skip the network probe, build offline
+#   RUSTBPE_INSTALL=0 scripts/build_rustbpe.sh   # only build the wheel (rustbpe/target/wheels)
 #
-# Online (crates.io reachable): a plain `maturin develop --release`.
+# Online (crates.io reachable): `maturin build --release` from crates.io, then the wheel is
+# installed into the venv (what `maturin develop --release` does, split in two so that
+# scripts/setup.sh can compile while the Python dependencies install).
 # Offline: the crates come from Debian's `librust-*-dev` packages (apt-get installs them when
 # missing) through a cargo source replacement in a build-only CARGO_HOME under rustbpe/target/
 # (ignored), so nothing offline-specific lands in tracked files or ~/.cargo: the same
@@ -71,5 +74,9 @@ elif [ -f "$LOCK" ] && grep -q "$DEBIAN_CHECKSUM" "$LOCK"; then
 fi
 
 cd "$ROOT"
-VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" "$MATURIN" develop --release --manifest-path "$MANIFEST"
+WHEELS="$ROOT/rustbpe/target/wheels"
+rm -rf "$WHEELS"
+"$MATURIN" build --release --quiet --manifest-path "$MANIFEST" --interpreter "$VENV/bin/python" --out "$WHEELS"
+[ "${RUSTBPE_INSTALL:-1}" = 0 ] && exit 0
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$WHEELS"/rustbpe-*.whl
 "$VENV/bin/python" -c "import rustbpe; print('build_rustbpe: ok', rustbpe.__file__)"
