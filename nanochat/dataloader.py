@@ -11,12 +11,13 @@ tiktoken's batch encoder, and packed into rows of T+1 tokens:
   the data ledger commits) exact, and a resumed loader yields the same batches as one that
   never stopped.
 
-Rank r of a world of size W reads chunks[r::W] of its chunk list.
+Rank r of a world of size W reads chunks[r::W] of its chunk list, then any chunks its refill
+callback hands it (more data leased mid-round).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -44,16 +45,18 @@ class DataLoader:
         split: str = "train",
         loop: bool = False,
         device: str | torch.device = "cpu",
+        refill: Callable[[], tuple[Sequence[Sequence[int]], dict[str, int]]] | None = None,
     ):
         """chunks: (shard, row_group, rows) triples to read (default: all training chunks, or
         the validation shard for split="val"); start_rows: rows already consumed per chunk key
         "shard:row_group" (from the data ledger); cursor: a cursor() of this rank, or a list of
         them indexed by rank, to resume exactly; loop: restart at the first chunk when the data
-        ends (epochs) instead of stopping."""
+        ends (epochs) instead of stopping; refill: called when this rank's chunks are read,
+        returns more (chunks, start_rows) for this rank to read next, or no chunks to stop."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
         self.tokenizer, self.data_dir, self.B, self.T = tokenizer, Path(data_dir), B, T
-        self.loop, self.device = loop, torch.device(device)
+        self.loop, self.device, self.refill = loop, torch.device(device), refill
         if chunks is None:
             chunks = chunk_table(data_dir) if split == "train" else val_chunks(data_dir)
         self.chunks = [Chunk(*c) for i, c in enumerate(chunks) if i % world == rank]
@@ -105,7 +108,7 @@ class DataLoader:
 
     def _next_doc(self) -> list[int]:
         while self.row >= self.chunks[self.pos].rows:
-            if self.pos + 1 < len(self.chunks):
+            if self.pos + 1 < len(self.chunks) or self._refilled():
                 self.pos += 1
             elif self.loop:
                 self.pos, self.epoch = 0, self.epoch + 1
@@ -127,6 +130,15 @@ class DataLoader:
         self.row += 1
         self.stats["docs"] += 1
         return doc
+
+    def _refilled(self) -> bool:
+        """Append the chunks refill() hands out (first epoch only); True if there were any."""
+        if self.refill is None or self.epoch > 0:
+            return False
+        chunks, start_rows = self.refill()
+        self.start_rows.update(start_rows)
+        self.chunks.extend(Chunk(*c) for c in chunks)
+        return bool(chunks)
 
     def __iter__(self) -> DataLoader:
         return self

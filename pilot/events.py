@@ -28,6 +28,7 @@ EVENT_KINDS = (
     "round_start",
     "join",
     "leave",
+    "lease_extended",
     "train_interval",
     "round_end",
     "aggregate",

@@ -26,6 +26,7 @@ and, by kind:
     round_start         round, sites (list), deadline_t
     join                site, round      a site entering a running round
     leave               site, round, reason
+    lease_extended      site, round, rank, chunks, rows   more data leased mid-round
     train_interval      site, round, start, end (sim t), tokens, steps, loss,
                         energy_j (measured joules over [start, end), or null)
     round_end           round, sites, tokens, loss

@@ -10,6 +10,8 @@ ClientApps (docs/ARCHITECTURE.md, ../shared/DESIGN.md). All keys live under
     power:<s>       string  W, or a state word "off" | "idle" | "train" (site power model)
     stop:<s>        string  graceful-stop reason, with a TTL
     round:<n>:end   string  early end of round n
+    lease:requests  list    JSON {id, site, round, rank, world}: a rank ran out of data mid-round
+    lease:reply:<id> list   JSON Assignment for that request (empty chunks: no more), with a TTL
     logs:<s>        stream  per-step metrics from a site (bounded)
     events          stream  provisioning, rounds, joins/leaves, faults (kept whole: reports)
 
@@ -24,6 +26,7 @@ import json
 import os
 import re
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -34,6 +37,7 @@ ENV_URL = "CURTAIL_REDIS_URL"
 SIGNALS_MAXLEN = 20_000  # ~ a day of 1-minute ticks for 10 sites; XADD MAXLEN ~ trims lazily
 LOGS_MAXLEN = 10_000
 ROUND_END_TTL_S = 7 * 86400
+LEASE_REPLY_TTL_S = 120  # an unanswered reply (requester gone) expires; its chunks return at commit
 POWER_STATES = ("off", "idle", "train")
 RUN_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -242,6 +246,44 @@ class Signals:
 
     def round_ended(self, n: int) -> bool:
         return bool(self.r.exists(self.key(f"round:{n}:end")))
+
+    # -- data leases (client <-> server, mid-round) ------------------------------------
+    def request_lease(
+        self, s: str, round_n: int, rank: int, world: int, timeout_s: float
+    ) -> dict[str, Any] | None:
+        """Ask the ServerApp for more data for ``rank`` of site ``s`` in round ``round_n``.
+        Waits up to ``timeout_s`` (keep it below SOCKET_TIMEOUT_S) for the reply, an
+        Assignment dict (no chunks: nothing more to give); None when none came."""
+        req = uuid.uuid4().hex
+        msg = {"id": req, "site": s, "round": round_n, "rank": rank, "world": world}
+        self.r.rpush(self.key("lease:requests"), json.dumps(msg))
+        got = self.r.blpop([self.key(f"lease:reply:{req}")], timeout=timeout_s)
+        return json.loads(got[1]) if got else None
+
+    def lease_requests(self, count: int = 100) -> list[dict[str, Any] | str]:
+        """Pending lease requests, oldest first; an entry that is not a valid request comes
+        back as the raw string so the caller can report it."""
+        out: list[dict[str, Any] | str] = []
+        for raw in self.r.lpop(self.key("lease:requests"), count=count) or []:
+            try:
+                req = json.loads(raw)
+                req = {k: req[k] for k in ("id", "site", "round", "rank", "world")}
+                req["round"], req["rank"], req["world"] = (
+                    int(req["round"]),
+                    int(req["rank"]),
+                    int(req["world"]),
+                )
+                out.append(req)
+            except (ValueError, TypeError, KeyError):
+                out.append(raw)
+        return out
+
+    def reply_lease(self, req_id: str, assignment: dict[str, Any]) -> None:
+        key = self.key(f"lease:reply:{req_id}")
+        with self.r.pipeline() as p:
+            p.rpush(key, json.dumps(assignment))
+            p.expire(key, LEASE_REPLY_TTL_S)
+            p.execute()
 
     # -- logs and events ---------------------------------------------------------------
     def log_step(self, s: str, **metrics: Any) -> str:

@@ -285,6 +285,7 @@ class ElasticStrategy:
         self.round: Round | None = None
         self.node_site: dict[int, str] = {}
         self.site_node: dict[str, int] = {}
+        self.node_info: dict[str, dict] = {}  # site -> {"gpus", "device"} from its QUERY reply
         self.queries: dict[str, tuple[int, float]] = {}  # msg id -> (node id, sent wall)
         self.query_failed: dict[int, float] = {}  # node id -> wall time of failure
         self.known_nodes: set[int] = set()
@@ -465,8 +466,10 @@ class ElasticStrategy:
         self._refresh_clock()
         self._poll_nodes()
         self._pull()
-        decision = self._decide()
-        self._provision(decision)
+        self._serve_lease_requests()
+        status = self.provisioner.status()
+        decision = self._decide(self._ready(status))
+        self._provision(decision, status)
         self._drive_round(decision)
         self._wait()
 
@@ -531,15 +534,10 @@ class ElasticStrategy:
         if old is not None and old != nid:
             self.node_site.pop(old, None)  # a restarted node replaces its stale registration
         self.node_site[nid], self.site_node[site] = site, nid
-        if site in self.provisioned and site not in self.complete:
-            self.complete.add(site)
-            self.events.emit(
-                "provision_complete",
-                site=site,
-                node_id=nid,
-                gpus=int(msg.content["site"]["gpus"]),
-                device=str(msg.content["site"]["device"]),
-            )
+        self.node_info[site] = {
+            "gpus": int(msg.content["site"]["gpus"]),
+            "device": str(msg.content["site"]["device"]),
+        }
 
     def _pull(self) -> None:
         ids = list(self.queries)
@@ -566,7 +564,24 @@ class ElasticStrategy:
                 self.known_nodes.discard(nid)
 
     # -- policy and provisioning ---------------------------------------------------------------
-    def _decide(self):
+    def _ready(self, status: dict[str, str]) -> set[str]:
+        """Sites that can train: node connected and mapped, provisioning over (a provisioner
+        reports "provisioning" until the site's modelled start-up delay has passed), not
+        leaving. Provisioned sites that became ready are announced (provision_complete)."""
+        ready = {
+            s for s in self.site_node if s not in self.leaving and status.get(s) != "provisioning"
+        }
+        for site in sorted((ready & self.provisioned) - self.complete):
+            self.complete.add(site)
+            self.events.emit(
+                "provision_complete",
+                site=site,
+                node_id=self.site_node[site],
+                **self.node_info[site],
+            )
+        return ready
+
+    def _decide(self, ready: set[str]):
         now = self.clock.sim_now()
         mci, forecast = {}, {}
         for s in self.sites.sites:
@@ -574,7 +589,6 @@ class ElasticStrategy:
             if st is not None and "mci" in st:
                 mci[s.name] = float(st["mci"])
             forecast[s.name] = self.sig.forecast(s.name)
-        ready = {s for s in self.site_node if s not in self.leaving}
         decision = self.policy.step(now, mci, forecast, ready)
         key = (decision.mode, tuple(sorted(decision.train)), tuple(sorted(decision.provision)))
         if key != self.last_mode:
@@ -588,8 +602,7 @@ class ElasticStrategy:
             )
         return decision
 
-    def _provision(self, decision) -> None:
-        status = self.provisioner.status()
+    def _provision(self, decision, status: dict[str, str]) -> None:
         for site in sorted(self.provisioned):
             if status.get(site, "").startswith("failed"):
                 self._replace_node(site, status[site])
@@ -600,9 +613,6 @@ class ElasticStrategy:
             self.provisioner.start(site)
             self.provisioned.add(site)
             self.events.emit("provision_started", site=site, reason=reason)
-            if site in self.site_node:  # its node is still (or already) connected
-                self.complete.add(site)
-                self.events.emit("provision_complete", site=site, node_id=self.site_node[site])
         for site in sorted(self.provisioned - decision.provision):
             if site in self.leaving:
                 continue
@@ -719,19 +729,56 @@ class ElasticStrategy:
             self._wire = (r.n, encode_state(self.global_state, self.dtype))
         return self._wire[1]
 
-    def _assign(self, site: str, remaining_wall: float) -> Assignment:
+    def _assign(self, site: str, train_s: float, world: int | None = None) -> Assignment:
+        """Lease data to ``site`` for ``train_s`` wall seconds of training: for the whole site
+        (one chunk per GPU at least), or for one of its ``world`` ranks (a refill)."""
         assert self.ledger is not None
-        gpus = len(self.sites.site(site).gpus)
+        readers = max(1, len(self.sites.site(site).gpus)) if world is None else 1
         rate = self.rate.get(site)
         if rate is None:  # first TRAIN of this site: a fixed number of chunks
-            max_chunks, max_rows = max(self.cfg.chunks_per_assignment, gpus), None
+            max_chunks, max_rows = max(self.cfg.chunks_per_assignment, readers), None
         else:  # enough rows for the time left at the measured read rate, with slack
-            train_s = max(0.0, remaining_wall - (self.startup_s or 0.0))
             max_chunks = self.ledger.num_chunks
-            max_rows = math.ceil(rate * train_s * self.cfg.assignment_slack) + 1
+            share = rate / max(1, world or 1)
+            max_rows = math.ceil(share * max(0.0, train_s) * self.cfg.assignment_slack) + 1
         return self.ledger.assign(
-            site, max_chunks=max_chunks, max_rows=max_rows, min_chunks=max(1, gpus)
+            site, max_chunks=max_chunks, max_rows=max_rows, min_chunks=readers
         )
+
+    def _serve_lease_requests(self) -> None:
+        """A rank that read its whole assignment before the deadline asks for more (see
+        pilot.trainjob): lease it what it can read in the time left; no chunks when its round
+        is over, it is leaving, or the data is."""
+        for req in self.sig.lease_requests():
+            if isinstance(req, str):
+                self.events.emit("fault", error=f"malformed lease request {req[:200]!r}")
+                continue
+            site, r, now = req["site"], self.round, time.time()
+            live = (
+                r is not None
+                and r.n == req["round"]
+                and r.deadline_wall > now
+                and site in r.pending()
+                and site not in self.leaving
+                and site in self.sites.names
+            )
+            if not live:
+                self.sig.reply_lease(req["id"], Assignment(site=site).to_dict())
+                continue
+            assert r is not None
+            assignment = self._assign(site, r.deadline_wall - now, world=req["world"])
+            self.sig.reply_lease(req["id"], assignment.to_dict())
+            if assignment.chunks:
+                r.participants[site].assignment.chunks.extend(assignment.chunks)
+                r.participants[site].assignment.start_rows.update(assignment.start_rows)
+                self.events.emit(
+                    "lease_extended",
+                    site=site,
+                    round=r.n,
+                    rank=req["rank"],
+                    chunks=len(assignment.chunks),
+                    rows=assignment.rows,
+                )
 
     def _send_train(self, r: Round, sites: list[str], joined: bool) -> None:
         from flwr.app import ConfigRecord, Message, RecordDict
@@ -739,7 +786,7 @@ class ElasticStrategy:
         now = time.time()
         msgs, planned = [], []
         for site in sites:
-            assignment = self._assign(site, r.deadline_wall - now)
+            assignment = self._assign(site, r.deadline_wall - now - (self.startup_s or 0.0))
             if not assignment.chunks:
                 continue
             self.sig.clear_stop(site)

@@ -28,6 +28,11 @@ ENV_REDIS = "CURTAIL_REDIS_URL"
 # How often a training process asks Redis for its stop key: cheap enough per step, but a
 # step can be milliseconds on a tiny model, so rate-limit instead of asking every step.
 STOP_POLL_S = 0.5
+# A rank that has read its whole assignment before the deadline asks the ServerApp for more
+# (pilot.signals lease:requests) when at least this much of the round is left, and waits this
+# long for the answer (the server answers within a control-loop tick, ~0.5 s).
+REFILL_MIN_LEFT_S = 2.0
+REFILL_WAIT_S = 10.0
 
 
 @dataclass
@@ -133,6 +138,22 @@ def _stopper(sig, site: str, round_n: int) -> Callable[[], bool]:
     return should_stop
 
 
+def _refiller(sig, job: Job, rank: int, world: int) -> Callable[[], tuple[list, dict]] | None:
+    """DataLoader.refill for this rank: more chunks of the round's data, leased mid-round."""
+    if sig is None:
+        return None
+
+    def refill() -> tuple[list, dict]:
+        if job.deadline_wall - time.time() < REFILL_MIN_LEFT_S:
+            return [], {}
+        got = sig.request_lease(job.site, job.round, rank, world, timeout_s=REFILL_WAIT_S)
+        if not got:
+            return [], {}
+        return [tuple(c) for c in got["chunks"]], dict(got["start_rows"])
+
+    return refill
+
+
 def _inner_path(job: Job, rank: int) -> Path:
     return Path(job.state_dir) / f"inner-rank{rank}.pt"
 
@@ -198,6 +219,9 @@ def _worker(
         weight_decay=cfg.weight_decay,
     )
     restored = _restore_inner(optimizers, job, rank, world)
+    # Every rank polls the stop key (the stop vote in nanochat.train.run is joint) and asks for
+    # its own data refills; only rank 0 publishes metrics and power.
+    sig = _connect_signals(job.run)
     loader = DataLoader(
         Tokenizer.load(job.tokenizer_dir),
         job.data_dir,
@@ -208,11 +232,8 @@ def _worker(
         rank=rank,
         world=world,
         device=device,
+        refill=_refiller(sig, job, rank, world),
     )
-
-    # Every rank polls the stop key (the stop vote in nanochat.train.run is joint); only
-    # rank 0 publishes metrics and power.
-    sig = _connect_signals(job.run)
 
     def on_step(step: int, loss: float, tok_s: float, lrm: float) -> None:
         if sig is not None and rank == 0:

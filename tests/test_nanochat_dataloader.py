@@ -87,6 +87,24 @@ def test_assignment_with_start_rows_and_end_of_data(tok, demo_data):
     assert loader.stats["docs"] == c0.rows - 10 + c1.rows  # rows before start_rows never read
 
 
+def test_refill_appends_chunks_when_the_assignment_runs_dry(tok, demo_data):
+    c0, c1, c2 = chunk_table(demo_data)[:3]
+    handed = [([c1, c2], {chunk_key(c2.shard, c2.row_group): 5}), ([], {})]
+    calls = []
+
+    def refill():
+        calls.append(1)
+        return handed[len(calls) - 1]
+
+    loader = DataLoader(tok, demo_data, 1, 64, chunks=[c0], refill=refill)
+    with pytest.raises(StopIteration):
+        while True:
+            next(loader)
+    assert len(calls) == 2  # once for more, once more to learn there is none
+    assert loader.consumed() == {chunk_key(c.shard, c.row_group): c.rows for c in (c0, c1, c2)}
+    assert loader.stats["docs"] == c0.rows + c1.rows + c2.rows - 5  # start_rows respected
+
+
 def test_loop_over_epochs(tok, demo_data):
     c0 = chunk_table(demo_data)[0]
     loader = DataLoader(tok, demo_data, 4, 128, chunks=[c0], loop=True)

@@ -150,6 +150,28 @@ def test_stop_requests_rounds_logs_and_events(sig):
     assert ev[-1]["kind"] == "provision" and ev[-1]["sites"] == ["a"] and ev[-1]["delay_s"] == 240
 
 
+def test_lease_request_reaches_the_server_and_its_reply_the_requester(sig):
+    got = {}
+    t = threading.Thread(
+        target=lambda: got.update(a=sig.request_lease("texas", 3, 1, 2, timeout_s=10))
+    )
+    t.start()
+    deadline = time.time() + 10
+    reqs = []
+    while not reqs and time.time() < deadline:
+        reqs = sig.lease_requests()
+        time.sleep(0.05)
+    assert [{k: v for k, v in r.items() if k != "id"} for r in reqs] == [
+        {"site": "texas", "round": 3, "rank": 1, "world": 2}
+    ]
+    sig.r.rpush(sig.key("lease:requests"), "not json")
+    assert sig.lease_requests() == ["not json"]  # returned raw, for the caller to report
+    sig.reply_lease(reqs[0]["id"], {"site": "texas", "chunks": [[0, 1, 30]], "start_rows": {}})
+    t.join(10)
+    assert got["a"] == {"site": "texas", "chunks": [[0, 1, 30]], "start_rows": {}}
+    assert sig.request_lease("texas", 3, 0, 1, timeout_s=0.2) is None  # nobody answers
+
+
 def test_run_names_are_validated(redis_url):
     with pytest.raises(ValueError, match="run name"):
         Signals(connect(redis_url), "bad name:*")

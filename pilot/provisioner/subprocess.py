@@ -4,9 +4,12 @@ Resources come from the sites config: the site's GPU list becomes ``CUDA_VISIBLE
 (empty = CPU only), its ``port`` (or a free one) the SuperNode's Runtime API port. Each node
 gets a state dir (inner optimizer state; its own FLWR_HOME, so concurrent FAB installs never
 race) and a log file. The site's power model is applied by the energy simulation to the
-state word (train/idle) the ClientApp publishes. ``provision_delay_s`` (simulated seconds) is
-emulated: the process starts that long after ``start()``, converted to wall seconds with the
-run's speed-up.
+state word (train/idle) the ClientApp publishes. ``provision_delay_s`` (simulated seconds,
+converted to wall seconds with the run's speed-up) is the site's start-up time: the process
+starts at once, so its real boot counts toward the delay, and the site reports
+``provisioning`` until the delay has passed (the ServerApp trains a site only once its node
+is connected and its provisioning is over). A sped-up replay therefore models a boot no
+shorter than the real one on this machine.
 
 Nodes run in their own sessions and outlive the ServerApp on purpose: a restarted ServerApp
 adopts the live node of a site from its pid file instead of starting a second one.
@@ -31,8 +34,8 @@ from pilot.provisioner import Provisioner
 
 @dataclass
 class _Node:
-    state: str  # provisioning | running | stopping | stopped
-    timer: threading.Timer | None = None
+    state: str  # running | stopping | stopped (running before ready_at reads "provisioning")
+    ready_at: float = 0.0  # time.monotonic() when the modelled provisioning delay is over
     proc: subprocess.Popen | None = None
     pid: int | None = None
     port: int | None = None
@@ -122,39 +125,30 @@ class SubprocessProvisioner(Provisioner):
             node_config,
         ]
 
-    def _launch(self, site: str) -> None:
-        with self._lock:
-            node = self._nodes.get(site)
-            if node is None or node.state != "provisioning":
-                return  # stopped while waiting out the delay
-            s = self._site(site)
-            node_dir = self._node_dir(site)
-            (node_dir / "flwr-home").mkdir(parents=True, exist_ok=True)
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            port = s.port or _free_port()
-            env = {
-                **self.env,
-                "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in s.gpus),
-                "FLWR_HOME": str(node_dir / "flwr-home"),
-            }
-            with open(self.log_dir / f"supernode-{site}.log", "ab") as log:
-                proc = subprocess.Popen(
-                    self.argv(site, port),
-                    env=env,
-                    cwd=node_dir,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            self._pidfile(site).write_text(f"{proc.pid}\n")
-            node.state, node.proc, node.pid, node.port, node.timer = (
-                "running",
-                proc,
-                proc.pid,
-                port,
-                None,
+    def _launch(self, site: str, ready_at: float) -> _Node:
+        """Start the site's SuperNode (call with the lock held)."""
+        s = self._site(site)
+        node_dir = self._node_dir(site)
+        (node_dir / "flwr-home").mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        port = s.port or _free_port()
+        env = {
+            **self.env,
+            "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in s.gpus),
+            "FLWR_HOME": str(node_dir / "flwr-home"),
+        }
+        with open(self.log_dir / f"supernode-{site}.log", "ab") as log:
+            proc = subprocess.Popen(
+                self.argv(site, port),
+                env=env,
+                cwd=node_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
+        self._pidfile(site).write_text(f"{proc.pid}\n")
+        return _Node("running", ready_at=ready_at, proc=proc, pid=proc.pid, port=port)
 
     def _terminate(self, site: str, node: _Node, drain: bool) -> None:
         """SIGTERM (drain) or SIGKILL the node's process group and subtree; reap; clean up."""
@@ -201,18 +195,15 @@ class SubprocessProvisioner(Provisioner):
             stopper.join(self.stop_timeout_s + 5)
         with self._lock:
             node = self._nodes.get(site)
-            if node is not None and node.state in ("provisioning", "running"):
+            if node is not None and node.state == "running":
                 return
             if node is None:  # first contact: a node of an earlier ServerApp may be up
                 pid = self._adopt(site)
                 if pid is not None:
                     self._nodes[site] = _Node("running", pid=pid)
                     return
-            node = self._nodes[site] = _Node("provisioning")
             delay = max(0.0, float(self.to_wall(s.provision_delay_s)))
-            node.timer = threading.Timer(delay, self._launch, (site,))
-            node.timer.daemon = True
-            node.timer.start()
+            self._nodes[site] = self._launch(site, ready_at=time.monotonic() + delay)
 
     def stop(self, site: str, drain: bool = True) -> None:
         self._site(site)
@@ -224,11 +215,6 @@ class SubprocessProvisioner(Provisioner):
                     return
                 node = self._nodes[site] = _Node("running", pid=pid)
             if node.state in ("stopping", "stopped"):
-                return
-            if node.timer is not None:
-                node.timer.cancel()
-            if node.pid is None:
-                node.state = "stopped"
                 return
             node.state = "stopping"
             # Off the control loop: a draining SuperNode may take seconds to exit.
@@ -247,6 +233,8 @@ class SubprocessProvisioner(Provisioner):
                     rc = node.proc.poll() if node.proc is not None else None
                     if rc is not None or (node.pid is not None and not alive(node.pid)):
                         state = f"failed:exit {rc}" if rc is not None else "failed:gone"
+                    elif time.monotonic() < node.ready_at:
+                        state = "provisioning"
                 out[site] = state
         return out
 
