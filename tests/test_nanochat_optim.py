@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from nanochat.common import device_teardown
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import Muon, zeropower_via_newtonschulz5
 
@@ -83,7 +84,7 @@ def _dist_worker(rank, world, port, out):
         opt.step()
     if rank == 0:
         torch.save(model.state_dict(), out)
-    dist.destroy_process_group()
+    device_teardown()
 
 
 def free_port():
