@@ -14,6 +14,7 @@ from nanochat.tokenizer import Tokenizer
 from nanochat.train import (
     TrainConfig,
     build_model,
+    compiled,
     evaluate_bpb,
     lr_multiplier,
     muon_momentum,
@@ -139,6 +140,23 @@ def test_checkpoint_files(tmp_path):
     assert meta["step"] == 3 and torch.equal(model_state["w"], torch.full((2,), 3.0))
     with pytest.raises(FileNotFoundError):
         checkpoint.load(tmp_path / "empty")
+
+
+def test_compiled_step_trains_like_eager_and_auto_stays_eager_on_cpu(tok, demo_data):
+    """torch.compile (aot_eager: dynamo + AOTAutograd, no C++ build on this box) gives the same
+    losses and weights as the eager step; "auto" compiles only on CUDA."""
+    results = {}
+    for backend in ("off", "aot_eager"):
+        cfg = config(num_iterations=3, compile=backend)
+        model, opts = build_model(cfg)
+        res = run(model, opts, DataLoader(tok, demo_data, 8, 64), cfg)
+        results[backend] = (res.losses, model.lm_head.weight.detach().clone())
+    assert results["off"][0] == pytest.approx(results["aot_eager"][0], rel=1e-5)
+    assert torch.allclose(results["off"][1], results["aot_eager"][1], atol=1e-5)
+    model, _ = build_model(config())
+    assert compiled(model, "auto") is model and compiled(model, "off") is model
+    with pytest.raises(ValueError, match="compile='fast'.*inductor"):
+        compiled(model, "fast")
 
 
 def _ddp_worker(rank, world, port, data_dir, tokenizer_dir, out):
