@@ -300,12 +300,23 @@ class LiveView:
 
     def status_line(self) -> str:
         st = self.state
-        sites = " ".join(f"{s}:{st.shown_state(s)}" for s in st.sites)
+        sites = " ".join(self._site_status(s) for s in st.sites)
         return (
             f"[{_hhmm(st.sim_now)}] {st.mode} round {st.round if st.round is not None else '-'}"
             f" step {st.global_step if st.global_step is not None else '-'}"
             f" loss {_num(st.loss, '.3f')} tokens {st.tokens:,}"
             f" energy {st.energy_kwh:.2f} kWh CO2 {st.emissions_kg:.3f} kg | {sites}"
+        )
+
+    def _site_status(self, site: str) -> str:
+        """`texas:training(step 37 loss 5.210)`: a training site's newest step from its log
+        stream, so plain output shows progress inside a long round, not only at its end."""
+        shown = self.state.shown_state(site)
+        log = self.state.last_log.get(site, {})
+        if shown != "training" or "step" not in log:
+            return f"{site}:{shown}"
+        return (
+            f"{site}:training(step {_num(log['step'], '.0f')} loss {_num(log.get('loss'), '.3f')})"
         )
 
     def render(self) -> Group:

@@ -28,6 +28,7 @@ and, by kind:
     leave               site, round, reason
     lease_extended      site, round, rank, chunks, rows   more data leased mid-round
     train_interval      site, round, start, end (sim t), tokens, steps, loss,
+                        curve (per-step losses over [start, end), binned: loss_curve),
                         energy_j (measured joules over [start, end), or null)
     round_end           round, sites, tokens, loss
     aggregate           round, loss (work-weighted mean), tokens, global_step, sites
@@ -125,8 +126,20 @@ def mode_spans(
     return spans
 
 
+def loss_curve(step_losses: Sequence[float], points: int) -> list[float]:
+    """Per-step losses in at most `points` equal bins (bin means), in order: a training curve
+    small enough for an event however long the round."""
+    n = len(step_losses)
+    if n <= points:
+        return [float(x) for x in step_losses]
+    edges = np.linspace(0, n, points + 1).round().astype(int)
+    return [float(np.mean(step_losses[a:b])) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
 def losses(events: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    """Loss points for the figure: the aggregated loss per round, and each site's per interval."""
+    """Loss points for the figure: the aggregated loss per round, and each site's training
+    curve (bins of its interval's curve spread evenly over the interval, else one point at
+    the interval's end)."""
     out: dict[str, list[tuple[float, float]]] = {"global": []}
     for e in events:
         loss = e.get("loss")
@@ -135,7 +148,14 @@ def losses(events: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float, floa
         if e["kind"] == "aggregate":
             out["global"].append((float(e["t"]), float(loss)))
         elif e["kind"] == "train_interval" and e.get("site"):
-            out.setdefault(str(e["site"]), []).append((float(e.get("end", e["t"])), float(loss)))
+            pts = out.setdefault(str(e["site"]), [])
+            curve, end = e.get("curve") or [], float(e.get("end", e["t"]))
+            if not curve:
+                pts.append((end, float(loss)))
+                continue
+            start = float(e.get("start", end))
+            width = (end - start) / len(curve)
+            pts.extend((start + (i + 0.5) * width, float(c)) for i, c in enumerate(curve))
     return out
 
 
@@ -244,10 +264,12 @@ def timeline(
                 ax_loss.plot(
                     h([p[0] for p in pts]),
                     [p[1] for p in pts],
-                    ".",
+                    ".-",
                     color=colors[i % 10],
-                    ms=4,
+                    ms=2,
+                    lw=0.8,
                     alpha=0.6,
+                    label=s.name,
                 )
         g = loss.get("global", [])
         if g:

@@ -49,6 +49,7 @@ from pilot.aggregate import (
     weighted_average,
 )
 from pilot.datamgr import Assignment, DataLedger, LedgerError
+from pilot.report import loss_curve
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 QUERY_RETRY_S = 5.0  # wall seconds before re-asking a node that failed a QUERY
 IDLE_BLOCK_MS = 5000  # longest block on the signals stream with nothing in flight
+LOSS_CURVE_POINTS = 64  # per-step losses of a reply, binned to this many for the events/figure
 # energy simulation meta status -> run end reason (pilot/energy.py)
 SIM_ENDS = {"finished": "trace_end", "stopped": "trace_end", "failed": "energy_sim_failed"}
 
@@ -869,8 +871,12 @@ class ElasticStrategy:
         # total is shared among the reply's intervals by duration, so it is counted once.
         spans = [(float(s), float(e)) for s, e in json.loads(str(report["intervals"]))]
         total_s = sum(e - s for s, e in spans)
+        curve = loss_curve(json.loads(str(report["losses"])), LOSS_CURVE_POINTS)
+        done = 0.0  # share of the reply's training time before this span
         for start, end in spans:
             share = (end - start) / total_s if total_s > 0 else 1.0 / len(spans)
+            lo, hi = round(done * len(curve)), round((done + share) * len(curve))
+            done += share
             self.events.emit(
                 "train_interval",
                 site=site,
@@ -880,6 +886,7 @@ class ElasticStrategy:
                 tokens=tokens,
                 steps=steps,
                 loss=loss if steps else None,
+                curve=curve[lo:hi],
                 energy_j=energy * share if energy >= 0 else None,
                 stopped_by=str(report["stopped_by"]),
             )

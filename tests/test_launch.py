@@ -361,6 +361,7 @@ def test_live_view_follows_sites_through_provisioning_training_and_leaving(redis
     st = view.state
     assert st.shown_state("texas") == "training" and st.mode == "LOCAL" and st.round == 1
     assert st.last_log["texas"]["loss"] == 7.5
+    assert "texas:training(step 5 loss 7.500)" in view.status_line()  # progress inside a round
     view.state.update_carbon(force=True)
     # 240 s idle at 0.468 kW + 3600 s training at 2.024 kW, counted live before the round ends
     assert st.energy_kwh == pytest.approx((240 * 0.468 + 3600 * 2.024) / 3600, rel=1e-6)

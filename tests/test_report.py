@@ -169,3 +169,15 @@ def test_a_run_going_on_past_the_trace_end_is_accounted_up_to_it(tmp_path):
     assert rep["end"] == T0 + 6 * 3600
     assert rep["sites"]["tx"]["provisioned_hours"] == pytest.approx(2.5 + 0.5)
     assert "outside the trace" in (tmp_path / "report.md").read_text()
+
+
+def test_loss_curve_bins_steps_in_order_and_is_spread_over_its_interval():
+    steps = [10.0 - 0.01 * i for i in range(1000)]
+    curve = report.loss_curve(steps, 64)
+    assert len(curve) == 64 and curve == sorted(curve, reverse=True)
+    assert sum(curve) / 64 == pytest.approx(sum(steps) / 1000, rel=1e-3)  # bins ~equal in size
+    assert report.loss_curve([3.0, 2.0], 64) == [3.0, 2.0]  # short: every step kept
+    ev = {"kind": "train_interval", "t": T0 + 400, "site": "ca", "start": T0, "end": T0 + 400}
+    pts = report.losses([{**ev, "loss": 2.5, "curve": [4.0, 3.0, 2.0, 1.0]}])["ca"]
+    assert pts == [(T0 + 50, 4.0), (T0 + 150, 3.0), (T0 + 250, 2.0), (T0 + 350, 1.0)]
+    assert report.losses([{**ev, "loss": 2.5}])["ca"] == [(T0 + 400, 2.5)]  # older events
