@@ -114,6 +114,18 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--port", type=int, default=d, help="SuperLink port (0: a free one)")
     p.add_argument(
+        "--tls",
+        action="store_true",
+        default=d,
+        help="serve the SuperLink over TLS (a private CA unless the preset names certificates)",
+    )
+    p.add_argument(
+        "--supernode-auth",
+        action="store_true",
+        default=d,
+        help="only registered SuperNodes may connect (implies --tls)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=d,
@@ -151,6 +163,8 @@ DEFAULTS: dict[str, Any] = {
     "start": None,
     "hours": None,
     "port": None,
+    "tls": None,
+    "supernode_auth": None,
     "set": [],
     "no_prepare": False,
     "no_live": False,
@@ -182,6 +196,12 @@ class Plan:
     prepare: bool = True
     live: bool = True
     timeout: float | None = None
+    tls: bool = False
+    supernode_auth: bool = False
+    certs: dict[str, Path] = field(default_factory=dict)  # the preset's ssl_* files, if given
+
+
+SSL_KEYS = ("ssl_ca_certfile", "ssl_certfile", "ssl_keyfile")  # [launch] keys = SuperLink flags
 
 
 def presets() -> list[str]:
@@ -285,6 +305,18 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if redis_url:
         check_redis(redis_url)
 
+    supernode_auth = bool(_opt(opts, launch, "supernode_auth"))
+    tls = supernode_auth or bool(_opt(opts, launch, "tls"))
+    certs = {k: resolve(launch[k], REPO) for k in SSL_KEYS if launch.get(k)}
+    if certs and (len(certs) < len(SSL_KEYS) or not tls):
+        raise LaunchError(
+            f"preset {preset_path}: set all of {', '.join(SSL_KEYS)} together with tls = true,"
+            " or none of them (a private CA is then made for the run)"
+        )
+    for key, path in certs.items():
+        if not path.is_file():
+            raise LaunchError(f"preset {preset_path}: {key} {path} not found")
+
     return Plan(
         preset=opts["preset"],
         preset_path=preset_path,
@@ -304,7 +336,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
         prepare=not opts["no_prepare"],
         live=not opts["no_live"] and sys.stdout.isatty(),
         timeout=opts["timeout"],
+        tls=tls,
+        supernode_auth=supernode_auth,
+        certs=certs,
     )
+
+
+def _opt(opts: dict[str, Any], launch: dict[str, Any], key: str) -> Any:
+    """A command-line flag when given, else the preset's [launch] value."""
+    return opts[key] if opts[key] is not None else launch.get(key, False)
 
 
 def run_config_keys() -> list[str]:
@@ -505,17 +545,58 @@ def child_env(redis_url: str | None, **extra: str) -> dict[str, str]:
     return env
 
 
-def write_flwr_home(home: Path, port: int) -> Path:
-    """A private FLWR_HOME so the user's own Flower connections are neither used nor changed."""
+def write_flwr_home(home: Path, port: int, root_certificates: Path | None = None) -> Path:
+    """A private FLWR_HOME so the user's own Flower connections are neither used nor changed.
+    With `root_certificates` (the CA's PEM) the connection verifies the SuperLink's TLS."""
     home.mkdir(parents=True, exist_ok=True)
+    security = (
+        f"root-certificates = {toml_value(str(root_certificates))}\n"
+        if root_certificates
+        else "insecure = true\n"
+    )
     (home / "config.toml").write_text(
         "[superlink]\n"
         f'default = "{CONNECTION}"\n\n'
         f"[superlink.{CONNECTION}]\n"
-        f'address = "127.0.0.1:{port}"\n'
-        "insecure = true\n"
+        f'address = "127.0.0.1:{port}"\n' + security
     )
     return home
+
+
+def superlink_security(plan: Plan) -> tuple[list[str], Path | None]:
+    """(SuperLink flags, CA certificate or None) for the plan: --insecure, or TLS with the
+    preset's certificates or a private CA made in <run-dir>/tls (loopback names only)."""
+    if not plan.tls:
+        return ["--insecure"], None
+    from pilot.tls import ca_and_server_cert
+
+    if plan.certs:
+        files = {k: plan.certs[k] for k in SSL_KEYS}
+    else:
+        made = ca_and_server_cert(plan.run_dir / "tls", ["127.0.0.1", "localhost"])
+        files = dict(zip(SSL_KEYS, (made.ca_cert, made.cert, made.key), strict=True))
+    argv = [a for k, path in files.items() for a in (f"--{k.replace('_', '-')}", str(path))]
+    if plan.supernode_auth:
+        argv.append("--enable-supernode-auth")
+    return argv, files["ssl_ca_certfile"]
+
+
+def register_supernodes(plan: Plan, env: dict[str, str]) -> Path:
+    """Make (once) and register every site's SuperNode key with the running SuperLink; returns
+    the key directory the provisioner starts nodes with. A key registered by an earlier launch
+    of the same run stays valid."""
+    from pilot.tls import node_key
+
+    keys = plan.run_dir / "tls" / "nodes"
+    for site in plan.sites_config.names:
+        _, public = node_key(keys, site)
+        argv = ["flwr", "supernode", "register", str(public), CONNECTION, "--name", site]
+        res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+        said = (res.stdout + res.stderr).strip()
+        if res.returncode != 0 and "already" not in said.lower():
+            last = said.splitlines()[-1] if said else f"exit code {res.returncode}"
+            raise LaunchError(f"could not register the SuperNode key of {site}: {last}")
+    return keys
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str, procs: ProcessSet) -> None:
@@ -574,18 +655,24 @@ def run_stack(plan: Plan, view: LiveView) -> Outcome:
         view.phase("Redis ready")
 
         # 2. SuperLink, with a private FLWR_HOME
-        flwr_home = write_flwr_home(plan.run_dir / "flwr-home", plan.port)
+        security, ca_cert = superlink_security(plan)
+        flwr_home = write_flwr_home(plan.run_dir / "flwr-home", plan.port, ca_cert)
         env = child_env(url, FLWR_HOME=str(flwr_home))
-        argv = ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation"]
+        argv = ["flower-superlink", *security, "--disable-runtime-dependency-installation"]
         argv += ["--host", "127.0.0.1", "--port", str(plan.port)]
         procs.start("superlink", argv, env=env, cwd=plan.run_dir)
         wait_for(lambda: port_open(plan.port), 60, "the Flower SuperLink", procs)
-        view.phase(f"SuperLink on 127.0.0.1:{plan.port}")
+        view.phase(f"SuperLink on 127.0.0.1:{plan.port}" + (" (TLS)" if ca_cert else ""))
+        # The provisioned SuperNodes verify the SuperLink with the CA and sign with their key.
+        overrides = {"root-certificates": str(ca_cert)} if ca_cert else {}
+        if plan.supernode_auth:
+            overrides["supernode-auth-keys"] = str(register_supernodes(plan, env))
+            view.phase(f"{len(plan.sites_config.names)} SuperNode keys registered")
 
         # 3. the run; the ServerApp provisions SuperNodes itself
         run_config = plan.run_dir / "run-config.toml"
         run_config.write_text(
-            "".join(f"{k} = {toml_value(v)}\n" for k, v in plan.run_config.items())
+            "".join(f"{k} = {toml_value(v)}\n" for k, v in {**plan.run_config, **overrides}.items())
         )
         argv = ["flwr", "run", str(REPO), CONNECTION, "--stream", "--run-config", str(run_config)]
         flwr = procs.start("flwr-run", argv, env=env, cwd=REPO, critical=False)

@@ -86,6 +86,8 @@ class RunConfig:
     policy: str | None = None  # None: the sites file's [policy] name
     provisioner: str = "subprocess"
     superlink: str = ""  # Fleet address for provisioned SuperNodes ("": the Runtime API's)
+    root_certificates: str = ""  # CA (PEM) provisioned SuperNodes verify TLS with ("": insecure)
+    supernode_auth_keys: str = ""  # dir of <site>.key SuperNode auth keys ("": no node auth)
     round_min_s: float = 600.0  # FEDERATED round length (sync period)
     round_max_s: float = 1800.0  # LOCAL round length (checkpoint period)
     join_min_s: float = 60.0  # a site joins a running round only with this much left
@@ -142,7 +144,7 @@ def _curtail_home() -> Path:
 
 def load_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     """Flower run-config (``preset``, optional ``run-name``, ``num-iterations``, ``sites``,
-    ``superlink``) -> RunConfig."""
+    ``superlink``, ``root-certificates``, ``supernode-auth-keys``) -> RunConfig."""
     from nanochat.train import TrainConfig
 
     preset = _find_preset(str(run_config.get("preset") or "cpu-demo"))
@@ -174,8 +176,9 @@ def load_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             raise RunConfigError(f"{preset}: [launch] {key} is missing")
     runs_dir = Path(str(launch.get("runs_dir", "runs"))).expanduser()
     runs_dir = runs_dir if runs_dir.is_absolute() else _curtail_home() / runs_dir
-    if run_config.get("superlink"):
-        run["superlink"] = str(run_config["superlink"])
+    for key in ("superlink", "root-certificates", "supernode-auth-keys"):
+        if run_config.get(key):
+            run[key.replace("-", "_")] = str(run_config[key])
     cfg = RunConfig(
         name=name,
         preset=preset,
@@ -333,6 +336,8 @@ class ElasticStrategy:
             log_dir=self.cfg.run_dir / "logs",
             to_wall=lambda sim_s: self.clock.to_wall(sim_s),
             stop_timeout_s=self.cfg.node_stop_timeout_s,
+            root_certificates=self.cfg.root_certificates,
+            auth_keys_dir=self.cfg.supernode_auth_keys,
         )
 
     def _init_model(self) -> None:
@@ -666,6 +671,10 @@ class ElasticStrategy:
                 self._open_round(trainable, decision)
             return
         r, now = self.round, time.time()
+        if r.deadline_wall > now and self._end_reason() is not None:
+            # The replay is over (or failed): no simulated time is left to train in, so the
+            # round ends now and every site returns its partial work (early end below).
+            r.deadline_wall = now
         # leaves: still training but no longer in the train set (window closed)
         for site in r.pending():
             if site not in decision.train and site not in self.leaving:

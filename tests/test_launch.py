@@ -7,6 +7,7 @@ that detached into their own sessions (as Flower's SuperExec does).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -260,17 +261,17 @@ def _cmd(pid: int) -> str:
 NEAR_WINDOW = ["--start", "2024-06-01T16:05:00Z", "--hours", "4"]
 
 
-def _stop_mid_run(action: str, home: Path):
-    """Launch the cpu-demo, wait until a SuperNode runs (so the tree holds Valkey, the energy
-    simulation, the SuperLink, its detached SuperExec, the ServerApp and a SuperNode in its own
-    session), then disturb it: "sigterm" the launcher, "ctrl-c" its whole process group as a
-    terminal does, or "crash" the SuperLink. Returns (exit code, output, marker, ports seen)."""
+def _launch_until_a_supernode_runs(home: Path, run_name: str, *flags: str):
+    """Launch the cpu-demo minutes before Texas's window opens and return once its SuperNode
+    has started (so the tree holds Valkey, the energy simulation, the SuperLink, its detached
+    SuperExec, the ServerApp and a SuperNode in its own session): (launcher, marker, pids seen,
+    SuperNode log)."""
     mark = uuid.uuid4().hex
     env = {**os.environ, MARK: mark, "CURTAIL_HOME": str(home)}
-    logs = home / "runs" / action / "logs"
+    logs = home / "runs" / run_name / "logs"
+    argv = [sys.executable, "-m", "pilot.launch", "--run-name", run_name, "--no-live"]
     proc = subprocess.Popen(
-        # Minutes before Texas's window opens, so a SuperNode is provisioned within seconds.
-        [sys.executable, "-m", "pilot.launch", "--run-name", action, "--no-live", *NEAR_WINDOW],
+        [*argv, *NEAR_WINDOW, *flags],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -288,6 +289,18 @@ def _stop_mid_run(action: str, home: Path):
             time.sleep(0.2)
         time.sleep(1.0)  # let the SuperNode start its own SuperExec
         seen.update(descendants(proc.pid))
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, mark, seen, next(logs.glob("supernode-*.log"))
+
+
+def _stop_mid_run(action: str, home: Path):
+    """Launch until a SuperNode runs, then disturb it: "sigterm" the launcher, "ctrl-c" its
+    whole process group as a terminal does, or "crash" the SuperLink. Returns (exit code,
+    output, marker, ports seen)."""
+    proc, mark, seen, _ = _launch_until_a_supernode_runs(home, action)
+    try:
         ports = _ports_of(seen)
         if action == "sigterm":
             proc.send_signal(signal.SIGTERM)
@@ -316,6 +329,64 @@ def test_stopping_mid_run_leaves_no_process_and_no_port_behind(action, prepared_
     assert marked(mark) == []
     assert len(ports) >= 3, ports  # valkey, superlink, supernode
     assert all(port_free(p) for p in ports), [p for p in ports if not port_free(p)]
+
+
+def test_tls_with_supernode_auth_admits_only_registered_nodes(prepared_home, tmp_path):
+    """--supernode-auth (TLS implied): the SuperLink serves TLS from a private CA, the
+    provisioned SuperNode verifies it and signs with its registered key and connects; a node
+    with an unregistered key is refused; no process serves or dials in plain text."""
+    from pilot.tls import node_key
+
+    proc, mark, seen, node_log = _launch_until_a_supernode_runs(
+        prepared_home, "tls", "--supernode-auth"
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "SuperNode ID" not in node_log.read_text():  # registered with the SuperLink
+            assert proc.poll() is None and time.monotonic() < deadline, node_log.read_text()
+            time.sleep(0.5)
+        cmds = {pid: _cmd(pid) for pid in seen | set(descendants(proc.pid))}
+        (link,) = [c for c in cmds.values() if "/flower-superlink " in c]
+        assert "--enable-supernode-auth" in link and "--insecure" not in link
+        nodes = [c for c in cmds.values() if "flower-supernode" in c and "--superlink" in c]
+        assert nodes and all("--root-certificates" in c and "--insecure" not in c for c in nodes)
+        keys = prepared_home / "runs" / "tls" / "tls"
+        assert (keys / "superlink.key").stat().st_mode & 0o777 == 0o600
+        assert (keys / "nodes" / "texas.key").stat().st_mode & 0o777 == 0o600
+
+        port = link.split("--port ")[1].split()[0]
+        intruder, _ = node_key(tmp_path, "intruder")  # a key nobody registered
+        # Output to a file: the node's SuperExec child would hold a pipe open after it exits.
+        with open(tmp_path / "intruder.log", "wb") as log:
+            refused = subprocess.Popen(
+                [f"{sys.prefix}/bin/flower-supernode", "--superlink", f"127.0.0.1:{port}",
+                 "--root-certificates", str(keys / "ca.crt"), "--auth-supernode-private-key",
+                 str(intruder), "--port", str(_free_port()), "--max-retries", "1"],
+                env={**os.environ, MARK: mark, "FLWR_HOME": str(tmp_path / "flwr"),
+                     "PATH": f"{sys.prefix}/bin{os.pathsep}{os.environ['PATH']}"},
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        try:
+            assert refused.wait(timeout=120) != 0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(refused.pid, signal.SIGKILL)  # and its SuperExec
+        said = (tmp_path / "intruder.log").read_text()
+        assert "SuperNode ID" not in said and "Failed to activate SuperNode" in said
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert "SuperLink on 127.0.0.1" in out and "(TLS)" in out and "keys registered" in out
+    assert marked(mark) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # --- live view: what Redis says, folded into per-site state --------------------------------

@@ -66,6 +66,8 @@ class SubprocessProvisioner(Provisioner):
         env: Mapping[str, str] | None = None,
         executable: str = "flower-supernode",
         stop_timeout_s: float = 10.0,
+        root_certificates: str | Path = "",
+        auth_keys_dir: str | Path = "",
         **_: Any,
     ):
         self.sites = {s.name: s for s in sites}
@@ -75,6 +77,16 @@ class SubprocessProvisioner(Provisioner):
         self.env = dict(os.environ if env is None else env)
         self.executable = executable
         self.stop_timeout_s = stop_timeout_s
+        # TLS: nodes verify the SuperLink with this CA; node auth: each signs with <site>.key.
+        self.root_certificates = str(root_certificates)
+        self.auth_keys_dir = Path(auth_keys_dir) if auth_keys_dir else None
+        if self.auth_keys_dir is not None:
+            missing = [s for s in self.sites if not (self.auth_keys_dir / f"{s}.key").is_file()]
+            if missing:
+                raise ValueError(
+                    f"SuperNode auth keys missing in {self.auth_keys_dir} for {missing}: create"
+                    " and register them (curtail-llm up --supernode-auth does both)"
+                )
         self._nodes: dict[str, _Node] = {}
         self._lock = threading.Lock()
         self._stoppers: list[threading.Thread] = []
@@ -114,9 +126,15 @@ class SubprocessProvisioner(Provisioner):
     def argv(self, site: str, port: int) -> list[str]:
         node_config = f'{self._marker(site)} state-dir="{self._node_dir(site)}"'
         node_config += f" cpu-threads={self.cpu_threads}"
+        if self.root_certificates:
+            security = ["--root-certificates", self.root_certificates]
+        else:
+            security = ["--insecure"]
+        if self.auth_keys_dir is not None:
+            security += ["--auth-supernode-private-key", str(self.auth_keys_dir / f"{site}.key")]
         return [
             self.executable,
-            "--insecure",
+            *security,
             "--superlink",
             self.superlink,
             "--port",
