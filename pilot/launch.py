@@ -274,7 +274,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if start is not None or hours is not None:
         check_span(trace_obj, start, None if hours is None else float(hours))
 
-    run_name = opts["run_name"] or f"{opts['preset']}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    run_name = opts["run_name"] or f"{preset_path.stem}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run_name):
         raise LaunchError(f"--run-name {run_name!r}: use letters, digits, '.', '_' or '-'")
     run_dir = resolve(launch.get("runs_dir", "runs"), curtail_home()) / run_name

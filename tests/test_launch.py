@@ -169,6 +169,25 @@ def test_unknown_preset_names_the_available_ones(tmp_path):
     assert marked(mark) == []
 
 
+def test_preset_path_names_runs_after_its_file_and_security_flags_are_checked(
+    tmp_path, monkeypatch
+):
+    from pilot.launch import LaunchError, make_plan, parse_args
+
+    monkeypatch.setenv("CURTAIL_HOME", str(tmp_path))
+    demo = REPO / "configs" / "cpu-demo.toml"
+    plan = make_plan(parse_args(["up", "--preset", str(demo)]))
+    assert re.fullmatch(r"cpu-demo-\d{8}-\d{6}", plan.run_name)
+    assert (plan.tls, plan.supernode_auth) == (False, False)
+    plan = make_plan(parse_args(["up", "--supernode-auth"]))
+    assert (plan.tls, plan.supernode_auth) == (True, True)  # node auth needs TLS
+
+    half = tmp_path / "half-tls.toml"
+    half.write_text(demo.read_text().replace("tls = false", 'tls = true\nssl_certfile = "x.crt"'))
+    with pytest.raises(LaunchError, match="set all of ssl_ca_certfile, ssl_certfile, ssl_keyfile"):
+        make_plan(parse_args(["up", "--preset", str(half)]))
+
+
 def test_missing_trace_file_says_to_pass_an_existing_csv(tmp_path):
     res, mark = launch(["--trace", str(tmp_path / "nope.csv")], tmp_path)
     assert_one_line_error(res, "trace file not found", "nope.csv", "--trace")
