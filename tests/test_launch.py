@@ -309,9 +309,20 @@ def _launch_until_a_supernode_runs(home: Path, run_name: str, *flags: str):
         time.sleep(1.0)  # let the SuperNode start its own SuperExec
         seen.update(descendants(proc.pid))
     except BaseException:
-        proc.kill()
+        _end(proc)
         raise
     return proc, mark, seen, next(logs.glob("supernode-*.log"))
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """A launcher a failed test leaves running: SIGTERM first, so it tears its stack down
+    (a SIGKILL would orphan Valkey, the SuperLink and the nodes), then SIGKILL."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _stop_mid_run(action: str, home: Path):
@@ -330,8 +341,7 @@ def _stop_mid_run(action: str, home: Path):
             os.kill(superlink[0], signal.SIGKILL)
         out, _ = proc.communicate(timeout=90)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _end(proc)
     return proc.returncode, out, mark, ports
 
 
@@ -395,8 +405,7 @@ def test_tls_with_supernode_auth_admits_only_registered_nodes(prepared_home, tmp
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _end(proc)
     assert proc.returncode == 130, out
     assert "SuperLink on 127.0.0.1" in out and "(TLS)" in out and "keys registered" in out
     assert marked(mark) == []
