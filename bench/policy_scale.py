@@ -47,6 +47,7 @@ def run_one(
     offsets = dict(zip(regions, rng.uniform(-10, 12, sites).round(1).tolist(), strict=True))
     cfg = P.PolicyConfig(name=name, **P.PRESETS[name])
     delays = rng.choice([60.0, 240.0, 600.0], sites)
+    idle_kw, train_kw = np.full(sites, 0.468), np.full(sites, 2.024)
     start = P.DAY_S * 19876  # 2024-06-01 UTC
     state = None
     t_policy = t_interp = t_fc = 0.0
@@ -81,7 +82,9 @@ def run_one(
             )
         t_fc += time.perf_counter() - t
         t = time.perf_counter()
-        res = P.simulate_batch(cfg, delays, ticks, mci, fc, state)
+        res = P.simulate_batch(
+            cfg, delays, ticks, mci, fc, state, idle_kw=idle_kw, train_kw=train_kw
+        )
         t_policy += time.perf_counter() - t
         state = res.state
         site_ticks += mci.size
@@ -112,7 +115,7 @@ def main() -> None:
     ap.add_argument("--tick", type=float, default=300.0, help="policy tick (s)")
     ap.add_argument("--chunk-days", type=float, default=2.0)
     ap.add_argument("--policy", default="forecast", choices=list(P.PRESETS))
-    ap.add_argument("--forecaster", default="perfect")
+    ap.add_argument("--forecaster", default="same_time_yesterday")
     ap.add_argument("--one", action="store_true", help="run one size, print JSON (internal)")
     a = ap.parse_args()
     if a.one:

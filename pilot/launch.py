@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         add_up_args(parser)
     prep = sub.add_parser("prepare", help="only build the preset's demo corpus and tokenizer")
     prep.add_argument("--preset", default=argparse.SUPPRESS, help="preset (default cpu-demo)")
+    # listed for --help only: main() hands `export ...` to pilot.export's own parser
+    sub.add_parser("export", help="write a run's model and tokenizer in nanochat's layout")
     args = p.parse_args(argv)
     args.command = args.command or "up"
     return args
@@ -815,6 +817,11 @@ def signals_deferred() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        from pilot.export import main as export
+
+        return export(argv[1:], prog="curtail-llm export")
     args = parse_args(argv)
     for s in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, _raise_interrupted)

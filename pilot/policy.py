@@ -34,6 +34,7 @@ and bench/policy_scale.py). tests/test_policy.py checks that they agree decision
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -69,6 +70,12 @@ class PolicyConfig:
     horizon_s: float = 3600.0  # forecast look-ahead the policy asks for
     use_forecast: bool = True  # pre-provision and skip short windows from the forecast
     zero_delay: bool = False  # oracle: provisioning is instantaneous, train = in window
+    # How long a site above the threshold stays provisioned: "cost" (ours: warm and idle
+    # until its idle emissions in this excursion reach what a re-provisioning would cost,
+    # ``Policy.hold_cost_g``) or "fixed" (``release_delay_s``)
+    release: str = "cost"
+    train_in_hold: bool = False  # the prototype trains on through its release delay
+    lost_work_mci: float | None = None  # g/kWh pricing window time lost to a boot; None: thr
 
 
 # Named policies: overrides applied on top of the site config's [policy] knobs.
@@ -78,7 +85,12 @@ PRESETS: dict[str, dict] = {
     # the published prototype: provision as soon as MCI < threshold, release after 600 s
     # above it, no forecast
     "prototype": dict(
-        enter_dwell_s=0.0, release_delay_s=600.0, min_window_s=0.0, use_forecast=False
+        enter_dwell_s=0.0,
+        release_delay_s=600.0,
+        min_window_s=0.0,
+        use_forecast=False,
+        release="fixed",
+        train_in_hold=True,
     ),
     # lower bound: perfect foresight and zero provisioning delay -> train exactly while
     # MCI < threshold (no hysteresis needed: nothing is lost by switching)
@@ -88,6 +100,7 @@ PRESETS: dict[str, dict] = {
         min_window_s=0.0,
         use_forecast=False,
         zero_delay=True,
+        release="fixed",
     ),
 }
 
@@ -116,14 +129,33 @@ def _window_points(
 
 
 @dataclass
+class ForecastError:
+    """The noisy forecaster's error model: what a live forecast gets wrong, growing with the
+    horizon. Marginal-emission forecasts (WattTime's, grid operators') get the daily shape
+    right but the *timing* of a ramp and its *level* wrong, more so the further ahead they
+    look. Both errors are random walks along the horizon (so a forecast curve stays smooth and
+    its error grows like sqrt(h)): timing error ``time_s`` and log-level error ``level`` are the
+    1-sigma values one hour ahead. The defaults (15 min, 15% at 1 h) are an assumption, not a
+    published accuracy: set them from a provider's own verification where it has one. Each
+    forecast is seeded by (seed, region, issue time), so every replay of a run is the same."""
+
+    time_s: float = 900.0
+    level: float = 0.15
+    seed: int = 0
+
+
+@dataclass
 class Forecaster:
     """``forecast(region, now, horizon_s) -> [(t, mci)]`` starting at ``now``; [] if unknown.
 
-    kind "perfect": the trace itself (replay); "same_time_yesterday": the trace 24 h earlier;
-    "persistence": the current value held flat (``current`` if given, else the trace at now)."""
+    kind "perfect": the trace itself (replay; the oracle's knowledge, no live deployment has
+    it); "noisy": the trace seen through ``error`` (a live forecast's quality); "same_time_
+    yesterday": the trace 24 h earlier; "persistence": the current value held flat
+    (``current`` if given, else the trace at now)."""
 
     kind: str
     trace: Trace | None = None
+    error: ForecastError | None = None
 
     @property
     def shift_s(self) -> float:
@@ -142,9 +174,28 @@ class Forecaster:
         times = self.trace.times + self.shift_s
         if not times[0] <= now <= times[-1]:
             return []
+        if self.kind == "noisy":
+            return self._noisy(region, now, min(horizon_s, float(times[-1]) - now), current)
         return _window_points(
             times, self.trace.row(region), now, min(now + horizon_s, float(times[-1]))
         )
+
+    def _noisy(
+        self, region: str, now: float, horizon_s: float, current: float | None
+    ) -> list[tuple[float, float]]:
+        """The perfect forecast's points (now, the trace's samples, the horizon's end), each
+        read ``t_err`` late and scaled by ``exp(l_err)``: a random walk from 0 at now."""
+        assert self.trace is not None and self.error is not None
+        err, times = self.error, self.trace.times
+        t = np.array([p[0] for p in _window_points(times, times, now, now + horizon_s)])
+        rng = np.random.default_rng([err.seed, zlib.crc32(region.encode()), int(round(now))])
+        steps = np.sqrt(np.diff(t) / 3600.0) * rng.normal(0.0, 1.0, (2, t.size - 1))
+        walk = np.concatenate([np.zeros((2, 1)), np.cumsum(steps, axis=1)], axis=1)
+        at = np.clip(t + walk[0] * err.time_s, times[0], times[-1])
+        values = np.interp(at, times, self.trace.row(region)) * np.exp(walk[1] * err.level)
+        if current is not None:
+            values[0] = current  # the present is measured, not forecast
+        return [(float(a), float(v)) for a, v in zip(t, values, strict=True)]
 
 
 def perfect(trace: Trace) -> Forecaster:
@@ -159,15 +210,32 @@ def same_time_yesterday(trace: Trace) -> Forecaster:
     return Forecaster("same_time_yesterday", trace)
 
 
-def make_forecaster(name: str, trace: Trace | None) -> Forecaster:
+def noisy(trace: Trace, error: ForecastError | None = None) -> Forecaster:
+    return Forecaster("noisy", trace, error or ForecastError())
+
+
+def make_forecaster(
+    name: str, trace: Trace | None, error: ForecastError | None = None
+) -> Forecaster:
     if name == "perfect":
         return perfect(trace)
     if name == "persistence":
         return persistence(trace)
     if name == "same_time_yesterday":
         return same_time_yesterday(trace)
+    if name == "noisy":
+        return noisy(trace, error)
     raise ValueError(
-        f"unknown forecaster {name!r}; use perfect, persistence or same_time_yesterday"
+        f"unknown forecaster {name!r}; use persistence, noisy, same_time_yesterday or perfect"
+    )
+
+
+def forecast_error(sites_config: SitesConfig) -> ForecastError:
+    """The noisy forecaster's error model from a sites config's [policy] knobs."""
+    return ForecastError(
+        time_s=sites_config.forecast_time_error_s,
+        level=sites_config.forecast_level_error,
+        seed=sites_config.forecast_seed,
     )
 
 
@@ -226,18 +294,38 @@ class SiteState:
     pre_open: float | None = None  # predicted opening that triggered pre-provisioning
     missed: bool = False  # a predicted window did not come: no pre-provisioning until a real one
     skip_close: float | None = None  # predicted end of a window we skipped as too short
+    idle_g: float = 0.0  # idle emissions of a warm hold in the current run above (g)
 
 
 @dataclass
 class Policy:
     cfg: PolicyConfig
     delays: dict[str, float]  # provisioning delay per site (s)
+    idle_kw: dict[str, float] = field(default_factory=dict)  # needed by release "cost"
+    train_kw: dict[str, float] = field(default_factory=dict)
     state: dict[str, SiteState] = field(default_factory=dict)
     last_now: float | None = None
 
     def delay(self, site: str) -> float:
         """Provisioning delay this policy plans with (0 for the oracle)."""
         return 0.0 if self.cfg.zero_delay else self.delays[site]
+
+    def hold_cost_g(self, site: str) -> float:
+        """What releasing a warm site costs if its window comes back: the boot again
+        (``idle_kw`` for the delay) and the window's first ``delay`` seconds of training lost
+        to it, both priced at ``lost_work_mci`` (the threshold: the most a window's energy
+        costs). A warm site is released once its idle emissions in the excursion reach this
+        (the ski-rental rule: never more than twice the cost of the better choice in
+        hindsight, with no forecast). Paper sites (240 s, 0.468/2.024 kW, 100 g): 16.6 g,
+        i.e. held 160 s through fossil MCI of 800 and 850 s through 150."""
+        return hold_cost_g(
+            self.delays[site], self.idle_kw[site], self.train_kw[site], self.lost_mci
+        )
+
+    @property
+    def lost_mci(self) -> float:
+        lost = self.cfg.lost_work_mci
+        return self.cfg.threshold / 2 if lost is None else lost
 
     def step(
         self,
@@ -279,8 +367,11 @@ class Policy:
                         st.pre_open, st.missed, st.skip_close = None, False, None
             else:
                 st.below_since = None
-                st.above_since = now if st.above_since is None else st.above_since
-                if now - st.above_since >= cfg.release_delay_s:
+                if st.above_since is None:
+                    st.above_since, st.idle_g = now, 0.0
+                else:
+                    st.idle_g += self.idle_kw.get(site, 0.0) * m * dt / 3600.0
+                if self._released(site, st, now):
                     st.hold = st.in_window = False
                 elif st.in_window and _early_release(ol, st, now, thr, cfg.release_delay_s, d):
                     st.in_window, early = False, True
@@ -289,9 +380,7 @@ class Policy:
                 why = (
                     f"in window (MCI {m:.0f} < {thr:g})"
                     if m < thr
-                    else (
-                        f"release hold: above {thr:g} for {now - st.above_since:.0f}/{cfg.release_delay_s:.0f} s"
-                    )
+                    else self._hold_why(site, st, now)
                 )
                 want, st.pre_open = True, None
                 agrees = ol is not None and (ol.now_value < thr) == (m < thr)
@@ -332,12 +421,32 @@ class Policy:
             st.provisioned = want
             if want:
                 provision.add(site)
-                if st.in_window and (site in ready or cfg.zero_delay):
+                trains = m < thr or cfg.train_in_hold
+                if st.in_window and trains and (site in ready or cfg.zero_delay):
                     train.add(site)
-                elif st.in_window:
+                elif st.in_window and trains:
                     why += "; provisioning, not ready"
             reasons[site] = why
         return Decision(provision, train, Mode.of(len(train)), reasons)
+
+    def _released(self, site: str, st: SiteState, now: float) -> bool:
+        """The warm hold (or the prototype's release delay) above the threshold is over."""
+        assert st.above_since is not None
+        if self.cfg.release == "cost":
+            return st.idle_g >= self.hold_cost_g(site)
+        return now - st.above_since >= self.cfg.release_delay_s
+
+    def _hold_why(self, site: str, st: SiteState, now: float) -> str:
+        assert st.above_since is not None
+        above = f"above {self.cfg.threshold:g} for {now - st.above_since:.0f}"
+        if self.cfg.release == "cost":
+            return f"warm: {above} s, idle {st.idle_g:.1f}/{self.hold_cost_g(site):.1f} g"
+        return f"release hold: {above}/{self.cfg.release_delay_s:.0f} s"
+
+
+def hold_cost_g(delay_s: float, idle_kw: float, train_kw: float, lost_mci: float) -> float:
+    """Emissions (g) a re-provisioning costs: see ``Policy.hold_cost_g``."""
+    return delay_s / 3600.0 * (idle_kw + train_kw) * lost_mci
 
 
 def _too_late_next_tick(lead: float, delay: float, dt: float) -> bool:
@@ -380,7 +489,7 @@ def _early_release(
         and ol.t_open - now > delay
         and st.pred_close is not None
         and st.above_since is not None
-        and st.pred_close <= st.above_since
+        and st.pred_close <= st.above_since + delay
     )
 
 
@@ -388,11 +497,14 @@ def policy_config(sites_config: SitesConfig, name: str | None = None) -> PolicyC
     name = name or sites_config.policy
     if name not in PRESETS:
         raise ValueError(f"unknown policy {name!r}; use one of {', '.join(PRESETS)}")
+    hold = sites_config.hold
     base = PolicyConfig(
         name=name,
         threshold=sites_config.threshold,
         enter_dwell_s=sites_config.enter_dwell_s,
-        release_delay_s=sites_config.release_delay_s,
+        release_delay_s=sites_config.release_delay_s if hold == "cost" else float(hold),
+        release="cost" if hold == "cost" else "fixed",
+        lost_work_mci=sites_config.lost_work_mci,
         min_window_s=sites_config.min_window_s,
         horizon_s=sites_config.horizon_s,
     )
@@ -401,7 +513,13 @@ def policy_config(sites_config: SitesConfig, name: str | None = None) -> PolicyC
 
 def make_policy(name: str | None, sites_config: SitesConfig) -> Policy:
     cfg = policy_config(sites_config, name)
-    return Policy(cfg, {s.name: s.provision_delay_s for s in sites_config.sites})
+    sites = sites_config.sites
+    return Policy(
+        cfg,
+        {s.name: s.provision_delay_s for s in sites},
+        idle_kw={s.name: s.idle_kw for s in sites},
+        train_kw={s.name: s.train_kw for s in sites},
+    )
 
 
 # ----------------------------------------------------------------------------- batch policy
@@ -433,6 +551,8 @@ def forecast_arrays(
     Crossings live on the forecast's segments; "next crossing at or after segment j" tables are
     reverse running minima, so every (site, tick) query is a gather, not a Python loop."""
     S, K = len(regions), len(ticks)
+    if fc.kind == "noisy":  # a new forecast at every tick: no shared crossing tables
+        return _outlook_arrays(fc, regions, ticks, horizon_s, threshold, release_s, mci)
     if fc.kind == "persistence":
         cur = trace.series_all(ticks, regions) if mci is None else mci
         t_open = np.where(cur < threshold, ticks[None, :], np.inf)
@@ -501,6 +621,29 @@ def forecast_arrays(
     return out
 
 
+def _outlook_arrays(
+    fc: Forecaster,
+    regions: list[str],
+    ticks: np.ndarray,
+    horizon_s: float,
+    threshold: float,
+    release_s: float,
+    mci: np.ndarray | None,
+) -> ForecastArrays:
+    """``forecast_arrays`` one forecast at a time, through ``outlook`` itself (a forecast
+    issued at each tick: ~20 us per site and tick)."""
+    S, K = len(regions), len(ticks)
+    out = ForecastArrays(*(np.full((S, K), v) for v in (np.nan, np.inf, np.inf, np.inf)))
+    for i, region in enumerate(regions):
+        for k, now in enumerate(ticks):
+            cur = None if mci is None else float(mci[i, k])
+            ol = outlook(fc.forecast(region, float(now), horizon_s, cur), threshold, release_s)
+            if ol is not None:
+                out.now_value[i, k], out.t_open[i, k] = ol.now_value, ol.t_open
+                out.t_close[i, k], out.t_up[i, k] = ol.t_close, ol.t_up
+    return out
+
+
 def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Row-wise gather: ``out[s, k] = a[s, idx[s, k]]``."""
     return np.take_along_axis(a, idx, axis=1)
@@ -520,13 +663,16 @@ class BatchState:
     pre_open: np.ndarray
     missed: np.ndarray
     skip_close: np.ndarray
+    idle_g: np.ndarray  # idle emissions of the current run above (SiteState.idle_g)
     last_now: float = math.nan
 
     @classmethod
     def new(cls, S: int) -> BatchState:
         nan = lambda: np.full(S, np.nan)  # noqa: E731
         false = lambda: np.zeros(S, dtype=bool)  # noqa: E731
-        return cls(false(), false(), nan(), nan(), nan(), false(), nan(), nan(), false(), nan())
+        return cls(
+            false(), false(), nan(), nan(), nan(), false(), nan(), nan(), false(), nan(), nan()
+        )
 
 
 @dataclass
@@ -551,11 +697,17 @@ def _latch(set_: np.ndarray, reset: np.ndarray, init: np.ndarray) -> np.ndarray:
 
 
 def _hysteresis(
-    cfg: PolicyConfig, ticks: np.ndarray, below: np.ndarray, st: BatchState
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    cfg: PolicyConfig,
+    ticks: np.ndarray,
+    below: np.ndarray,
+    st: BatchState,
+    idle_rate: np.ndarray,
+    hold_g: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Plain hysteresis for all (K ticks, S sites) at once: it depends on the measured signal
-    only, so it needs no loop. Returns (hold, enter_ok, leave_ok, below_since, above_since):
-    the window without early release, and the ticks that open / close a window."""
+    only, so it needs no loop. ``idle_rate`` (K, S): idle grams since the previous tick.
+    Returns (hold, enter_ok, leave_ok, below_since, above_since, idle_g): the window without
+    early release, the ticks that open / close a window, and the warm hold's idle grams."""
     K, S = below.shape
     k_idx = np.arange(K)[:, None]
     fresh = np.isnan(st.below_since) & np.isnan(st.above_since)
@@ -567,10 +719,18 @@ def _hysteresis(
     run_start = np.where(start_k >= 0, ticks[np.maximum(start_k, 0)], carried[None, :])
     bs = np.where(below, run_start, np.nan)
     ab = np.where(below, np.nan, run_start)
+    # idle grams of the run above: 0 at its first tick, then the sum of each tick's interval
+    csum = np.cumsum(idle_rate, axis=0)
+    carried_g = np.nan_to_num(st.idle_g)[None, :] + csum
+    idle_g = np.where(start_k >= 0, csum - _take(csum.T, np.maximum(start_k, 0).T).T, carried_g)
+    idle_g = np.where(below, np.nan, idle_g)
     with np.errstate(invalid="ignore"):
         enter_ok = below & (ticks[:, None] - bs >= cfg.enter_dwell_s)
-        leave_ok = ~below & (ticks[:, None] - ab >= cfg.release_delay_s)
-    return _latch(enter_ok, leave_ok, st.hold), enter_ok, leave_ok, bs, ab
+        if cfg.release == "cost":
+            leave_ok = ~below & (idle_g >= hold_g[None, :])
+        else:
+            leave_ok = ~below & (ticks[:, None] - ab >= cfg.release_delay_s)
+    return _latch(enter_ok, leave_ok, st.hold), enter_ok, leave_ok, bs, ab, idle_g
 
 
 def simulate_batch(
@@ -580,10 +740,14 @@ def simulate_batch(
     mci: np.ndarray,
     fc: ForecastArrays | None = None,
     state: BatchState | None = None,
+    *,
+    idle_kw: np.ndarray | None = None,
+    train_kw: np.ndarray | None = None,
 ) -> BatchResult:
     """``Policy.step`` over (S sites, K ticks) of arrays, with the provisioning model "ready
     once provisioned for ``delay`` s" (as seen at the start of each tick). Pass the returned
-    ``state`` to the next call to process a long horizon in chunks.
+    ``state`` to the next call to process a long horizon in chunks. ``idle_kw``/``train_kw``
+    (S,): the sites' power, needed by the "cost" release rule.
 
     Everything that does not depend on the provisioning feedback (hysteresis, forecast
     usefulness) is computed for the whole chunk at once on (K, S) arrays; the loop over ticks
@@ -594,7 +758,17 @@ def simulate_batch(
     st = state or BatchState.new(S)
     ticks = np.asarray(ticks, dtype=np.float64)
     below = np.ascontiguousarray(mci.T < thr)  # (K, S): one contiguous row per tick
-    HOLD, enter_ok, leave_ok, BS, AB = _hysteresis(cfg, ticks, below, st)
+    last0 = ticks[0] if math.isnan(st.last_now) else st.last_now
+    dts = np.maximum(0.0, np.diff(ticks, prepend=last0))[:, None]
+    if cfg.release == "cost":
+        if idle_kw is None or train_kw is None:
+            raise ValueError('release "cost" needs the sites\' idle_kw and train_kw')
+        lost = thr / 2 if cfg.lost_work_mci is None else cfg.lost_work_mci
+        hold_g = hold_cost_g(np.asarray(delays, dtype=np.float64), idle_kw, train_kw, lost)
+        idle_rate = np.asarray(idle_kw)[None, :] * mci.T * dts / 3600.0
+    else:
+        hold_g, idle_rate = np.zeros(S), np.zeros((K, S))
+    HOLD, enter_ok, leave_ok, BS, AB, IDLE_G = _hysteresis(cfg, ticks, below, st, idle_rate, hold_g)
     use_fc = fc is not None and cfg.use_forecast
     pred_close_end = st.pred_close
     if use_fc:
@@ -607,8 +781,6 @@ def simulate_batch(
                 fc.t_close if fc.t_up is None else fc.t_up,
             )
         )
-        last0 = ticks[0] if math.isnan(st.last_now) else st.last_now
-        dts = np.maximum(0.0, np.diff(ticks, prepend=last0))[:, None]
         has = ~np.isnan(fnow)
         lead = t_open - ticks[:, None]
         # early release (_early_release): the window end forecast at the last tick below ...
@@ -621,7 +793,7 @@ def simulate_batch(
             pred_close_end = pred_close[-1]
         with np.errstate(invalid="ignore"):
             # ... at or before the first tick above, and no reopening within the hold
-            early = HOLD & ~below & has & (fnow >= thr) & (lead > d) & (pred_close <= AB)
+            early = HOLD & ~below & has & (fnow >= thr) & (lead > d) & (pred_close <= AB + d)
         INW = _latch(enter_ok, leave_ok | early, st.in_window)
         with np.errstate(invalid="ignore", divide="ignore"):
             # _too_late_next_tick: ready by the first tick at/after the opening
@@ -668,14 +840,27 @@ def simulate_batch(
         ps = np.where(want, np.where(prov, ps, now), np.nan)
         prov = want
         P[k], R[k] = want, ready
-        T[k] = want & inw & (ready | cfg.zero_delay)
+        T[k] = want & inw & (ready | cfg.zero_delay) & (below[k] | cfg.train_in_hold)
     np.seterr(**errstate)
     last = float(ticks[-1]) if K else st.last_now
     if K:
         inw_end, hold_end, bs_end, ab_end = INW[-1], HOLD[-1], BS[-1], AB[-1]
+        idle_end = IDLE_G[-1]
     else:
         inw_end, hold_end, bs_end, ab_end = st.in_window, st.hold, st.below_since, st.above_since
+        idle_end = st.idle_g
     new = BatchState(
-        inw_end, hold_end, pred_close_end, bs_end, ab_end, prov, ps, pre, missed, skc, last
+        inw_end,
+        hold_end,
+        pred_close_end,
+        bs_end,
+        ab_end,
+        prov,
+        ps,
+        pre,
+        missed,
+        skc,
+        idle_end,
+        last,
     )
     return BatchResult(P.T, T.T, R.T, new)

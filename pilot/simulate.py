@@ -32,7 +32,15 @@ import numpy as np
 from pilot.carbon import Ledger, union, windows
 
 POLICIES = ("prototype", "forecast", "oracle")
-FORECASTERS = ("perfect", "persistence", "same_time_yesterday")
+# --compare: (row label, policy, forecaster); the oracle first, every ratio is against it
+COMPARE_RUNS = (
+    ("oracle", "oracle", None),
+    ("prototype", "prototype", None),
+    ("ours: persistence", "forecast", "persistence"),
+    ("ours: noisy", "forecast", "noisy"),
+    ("ours: perfect", "forecast", "perfect"),
+)
+FORECASTERS = ("persistence", "noisy", "same_time_yesterday", "perfect")
 # At one instant: close before open, so a release and a re-provision keep their order.
 _ORDER = {
     "run_start": 0,
@@ -84,13 +92,13 @@ def run(
     if not tick_s > 0:
         raise ValueError(f"--tick {tick_s} must be > 0 seconds")
     pcfg = pol.policy_config(cfg, policy_name)
-    forecaster = forecaster or getattr(cfg, "forecaster", "perfect")
+    forecaster = forecaster or cfg.forecaster
     regions = [s.region for s in sites]
     ticks = np.arange(start, end, tick_s)
     mci = np.stack([np.asarray(trace.series(r, ticks), dtype=np.float64) for r in regions])
     fca = None
     if pcfg.use_forecast:
-        fc = pol.make_forecaster(forecaster, trace)
+        fc = pol.make_forecaster(forecaster, trace, pol.forecast_error(cfg))
         fca = pol.forecast_arrays(
             fc,
             trace,
@@ -102,7 +110,15 @@ def run(
             mci=mci,
         )
     delays = np.array([float(s.provision_delay_s) for s in sites])
-    res = pol.simulate_batch(pcfg, delays, ticks, mci, fca)
+    res = pol.simulate_batch(
+        pcfg,
+        delays,
+        ticks,
+        mci,
+        fca,
+        idle_kw=np.array([s.idle_kw for s in sites]),
+        train_kw=np.array([s.train_kw for s in sites]),
+    )
     bounds = np.append(ticks, end)  # edge index K = still on when the simulation ends
     delay = np.zeros(len(sites)) if pcfg.zero_delay else delays
 
@@ -226,7 +242,7 @@ def simulate(
     start = float(trace.start) if start is None else float(start)
     end = float(trace.end) if hours is None else start + hours * 3600.0
     cfg = with_threshold(sites_config, threshold)
-    forecaster = forecaster or getattr(cfg, "forecaster", "perfect")
+    forecaster = forecaster or cfg.forecaster
     t0 = time.perf_counter()
     events = run(
         trace, cfg, policy_name, start=start, end=end, tick_s=tick_s, forecaster=forecaster
@@ -295,10 +311,11 @@ COMPARE_HEAD = [
     "windows used",
     "prov. wasted kWh",
     "vs best single site",
+    "vs oracle",
 ]
 
 
-def compare_row(name: str, doc: dict[str, Any]) -> list[str]:
+def compare_row(name: str, doc: dict[str, Any], oracle_kg: float) -> list[str]:
     t = doc["total"]
     best = min(
         (b["emissions_kg"] for k, b in doc["baselines"].items() if k.startswith("single_site:")),
@@ -314,12 +331,15 @@ def compare_row(name: str, doc: dict[str, Any]) -> list[str]:
         f"{t['windows_used']}/{t['windows_total']}",
         f"{t['provisioning_energy_wasted_kwh']:.3f}",
         f"{t['emissions_kg'] / best:.1%}" if best > 0 else "n/a",
+        f"{t['emissions_kg'] / oracle_kg:.3f}x" if oracle_kg > 0 else "n/a",
     ]
 
 
 def compare_rows(docs: dict[str, dict[str, Any]]) -> list[list[str]]:
-    """One row per policy, then the continuous baselines (same trace, same span)."""
-    rows = [compare_row(n, d) for n, d in docs.items()]
+    """One row per run (the oracle first: the ratios' reference), then the continuous
+    baseline (same trace, same span)."""
+    oracle_kg = next(iter(docs.values()))["total"]["emissions_kg"]
+    rows = [compare_row(n, d, oracle_kg) for n, d in docs.items()]
     cont = next(iter(docs.values()))["baselines"]["continuous_federated"]
     rows.append(
         [
@@ -332,6 +352,7 @@ def compare_rows(docs: dict[str, dict[str, Any]]) -> list[list[str]]:
             "",
             "",
             "",
+            f"{cont['emissions_kg'] / oracle_kg:.1f}x" if oracle_kg > 0 else "n/a",
         ]
     )
     return rows
@@ -368,7 +389,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--plot", help="write the timeline figure of --policy here (PNG)")
     ap.add_argument("--events", help="write the simulated events of --policy here (JSONL)")
     ap.add_argument(
-        "--compare", action="store_true", help=f"run {', '.join(POLICIES)}; print one table"
+        "--compare",
+        action="store_true",
+        help="the oracle, the prototype rule and ours with no, a noisy and a perfect forecast: "
+        "one table",
     )
     args = ap.parse_args(argv)
     try:
@@ -383,19 +407,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = parse_time(args.start) if args.start else float(trace.start)
         if args.hours is not None and start + args.hours * 3600 > trace.end:
             trace.require(start, start + args.hours * 3600)  # the trace's own "too short" error
-        names = list(POLICIES) if args.compare else [policy]
+        runs = COMPARE_RUNS if args.compare else ((policy, policy, args.forecaster),)
         results = {
-            n: simulate(
+            label: simulate(
                 trace,
                 sites,
-                n,
+                name,
                 start=start,
                 hours=args.hours,
                 threshold=args.threshold,
                 tick_s=args.tick,
-                forecaster=args.forecaster,
+                forecaster=fc,
             )
-            for n in names
+            for label, name, fc in runs
         }
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -403,7 +427,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pilot.report import print_table, table_rows
 
     docs = {n: r[0] for n, r in results.items()}
-    doc, events = results[policy]  # --plot/--events describe --policy, under --compare too
+    # --plot/--events describe --policy (with --forecaster or the sites' one), under --compare too
+    fc_wanted = args.forecaster or sites.forecaster
+    label = next(
+        (lb for lb, n, fc in runs if n == policy and fc in (None, fc_wanted)),
+        next(lb for lb, n, _ in runs if n == policy),
+    )
+    doc, events = results[label]
     if args.compare:
         ms = sum(d["policy"]["seconds"] for d in docs.values()) * 1000
         print_table(

@@ -4,15 +4,22 @@ and the curtailment policy knobs. See configs/sites.toml for a commented example
     trace = "traces/synthetic-3site.csv"   # optional, relative to the TOML file
     [policy]
     name = "forecast"            # forecast | prototype | oracle
-    forecaster = "perfect"       # perfect | persistence | same_time_yesterday
+    forecaster = "persistence"   # persistence | noisy | same_time_yesterday | perfect (oracle)
     threshold = 100.0            # gCO2/kWh: MCI below it = curtailment window
     enter_dwell_s = 0            # MCI must stay below this long before a window opens
-    release_delay_s = 600        # ... and above this long before it closes
+    release_delay_s = 600        # prototype: train through this long above the threshold
+    hold = "cost"                # ours: keep a site warm (idle) above the threshold until its
+                                 # idle emissions reach a re-provisioning's cost; or seconds
+    lost_work_mci = 100.0        # g/kWh pricing window time lost to a boot (default: threshold)
+    forecast_time_error_s = 900  # noisy forecaster: timing error (1 sigma) 1 h ahead
+    forecast_level_error = 0.15  # ... and relative level error (1 sigma, log) 1 h ahead
+    forecast_seed = 0
     min_window_s = 900           # skip windows with less useful time than this
     horizon_s = 3600             # forecast look-ahead
     [[sites]]
     name = "california"; region = "CAISO_NORTH"; gpus = 4
     train_kw = 2.024; idle_kw = 0.468; provision_delay_s = 240
+    source = "trace"             # trace | watttime | electricitymaps (live; README "Live signals")
 """
 
 from __future__ import annotations
@@ -25,16 +32,31 @@ from typing import Any
 
 SITE_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")  # DNS label: k8s + Redis keys
 POLICY_NAMES = ("forecast", "prototype", "oracle")
-FORECASTER_NAMES = ("perfect", "persistence", "same_time_yesterday")
-_SITE_KEYS = {"name", "region", "gpus", "train_kw", "idle_kw", "provision_delay_s", "port"}
+FORECASTER_NAMES = ("persistence", "noisy", "same_time_yesterday", "perfect")
+_SITE_KEYS = {
+    "name",
+    "region",
+    "gpus",
+    "train_kw",
+    "idle_kw",
+    "provision_delay_s",
+    "port",
+    "source",
+}
+SOURCE_NAMES = ("trace", "watttime", "electricitymaps")  # where a site's MCI comes from
 _POLICY_DEFAULTS: dict[str, Any] = {
     "name": "forecast",
-    "forecaster": "perfect",
+    "forecaster": "persistence",
     "threshold": 100.0,
     "enter_dwell_s": 0.0,
     "release_delay_s": 600.0,
+    "hold": "cost",
+    "lost_work_mci": None,
     "min_window_s": 900.0,
     "horizon_s": 3600.0,
+    "forecast_time_error_s": 900.0,
+    "forecast_level_error": 0.15,
+    "forecast_seed": 0,
 }
 
 
@@ -51,6 +73,9 @@ class Site:
     idle_kw: float  # draw while provisioned but not training
     provision_delay_s: float  # from "provision" to "ready to train"
     port: int | None = None  # SuperNode port for local deployments
+    # signal source: trace replay, or a live feed (region = WattTime region / Electricity
+    # Maps zone); credentials come from the environment only (pilot/sources)
+    source: str = "trace"
 
 
 @dataclass
@@ -62,7 +87,12 @@ class SitesConfig:
     min_window_s: float = 900.0
     horizon_s: float = 3600.0
     policy: str = "forecast"
-    forecaster: str = "perfect"
+    forecaster: str = "persistence"
+    hold: str | float = "cost"  # "cost": warm hold chosen per site from cost; else seconds
+    lost_work_mci: float | None = None  # None: the threshold
+    forecast_time_error_s: float = 900.0
+    forecast_level_error: float = 0.15
+    forecast_seed: int = 0
     trace: Path | None = None  # absolute, resolved against the TOML's directory
     path: Path | None = field(default=None, compare=False)
 
@@ -128,8 +158,25 @@ def parse_sites(
     threshold = _num(w, "threshold", p["threshold"], strict=True)
     knobs = {
         k: _num(w, k, p[k])
-        for k in ("enter_dwell_s", "release_delay_s", "min_window_s", "horizon_s")
+        for k in (
+            "enter_dwell_s",
+            "release_delay_s",
+            "min_window_s",
+            "horizon_s",
+            "forecast_time_error_s",
+            "forecast_level_error",
+        )
     }
+    hold = p["hold"]
+    if hold != "cost":
+        if isinstance(hold, str):
+            raise ConfigError(f'{w}.hold: must be "cost" or a number of seconds, got {hold!r}')
+        hold = _num(w, "hold", hold)
+    lost = p["lost_work_mci"]
+    knobs["lost_work_mci"] = None if lost is None else _num(w, "lost_work_mci", lost)
+    seed = p["forecast_seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"{w}.forecast_seed: must be an integer >= 0, got {seed!r}")
 
     raw_sites = data.get("sites")
     if not isinstance(raw_sites, list) or not raw_sites:
@@ -164,6 +211,9 @@ def parse_sites(
             isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
         ):
             raise ConfigError(f"{w}.port: must be an integer 1..65535, got {port!r}")
+        src = s.get("source", "trace")
+        if src not in SOURCE_NAMES:
+            raise ConfigError(f"{w}.source: {src!r} is not one of {SOURCE_NAMES}")
         sites.append(
             Site(
                 name=name,
@@ -173,6 +223,7 @@ def parse_sites(
                 idle_kw=idle_kw,
                 provision_delay_s=_num(w, "provision_delay_s", s["provision_delay_s"]),
                 port=port,
+                source=src,
             )
         )
     names = [s.name for s in sites]
@@ -197,6 +248,8 @@ def parse_sites(
         threshold=threshold,
         policy=p["name"],
         forecaster=p["forecaster"],
+        hold=hold,
+        forecast_seed=seed,
         trace=trace,
         **knobs,
     )

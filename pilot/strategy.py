@@ -48,7 +48,7 @@ from pilot.aggregate import (
     validate_state,
     weighted_average,
 )
-from pilot.datamgr import Assignment, DataLedger, LedgerError
+from pilot.datamgr import Assignment, DataLedger, LedgerError, chunk_key
 from pilot.report import loss_curve
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,27 @@ class Reply:
     steps: int
     loss: float
     consumed: dict[str, int]
+    stopped_by: str = ""
+
+    def then(self, later: Reply) -> Reply:
+        """This partial reply followed by ``later``, the same site's work after it resumed
+        from these weights in the same round: one reply, weighted by all its tokens."""
+        tokens = self.tokens + later.tokens
+        loss = (
+            (self.loss * self.tokens + later.loss * later.tokens) / tokens if tokens else later.loss
+        )
+        consumed = dict(self.consumed)
+        for k, v in later.consumed.items():
+            consumed[k] = max(v, consumed.get(k, 0))
+        return Reply(
+            self.site,
+            later.state,
+            tokens,
+            self.steps + later.steps,
+            loss,
+            consumed,
+            later.stopped_by,
+        )
 
 
 @dataclass
@@ -245,9 +266,15 @@ class Round:
     replies: dict[str, Reply] = field(default_factory=dict)
     dropped: set[str] = field(default_factory=set)
     end_signalled: bool = False
+    # a site's partial reply from before it paused (warm) and resumed in this round
+    earlier: dict[str, Reply] = field(default_factory=dict)
 
     def pending(self) -> list[str]:
         return [s for s in self.participants if s not in self.replies and s not in self.dropped]
+
+    def paused(self) -> set[str]:
+        """Sites that stopped on our request and may resume in this round."""
+        return {s for s, rep in self.replies.items() if rep.stopped_by == "stop"}
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -625,7 +652,7 @@ class ElasticStrategy:
                 continue
             reason = decision.reasons.get(site, "released")
             if self.round is not None and site in self.round.pending():
-                self._request_leave(site, reason)  # deprovisioned when its reply is in
+                self._request_leave(site, reason)  # deprovisioned once its reply is in
             else:
                 self._deprovision(site, reason)
 
@@ -647,11 +674,18 @@ class ElasticStrategy:
         if site in self.provisioned:  # _drop may have deprovisioned a leaving site
             self.provisioner.start(site)
 
-    def _request_leave(self, site: str, reason: str) -> None:
+    def _request_leave(self, site: str, reason: str, warm: bool = False) -> None:
+        """Stop ``site``'s training in the running round; its partial reply counts. ``warm``:
+        the policy keeps it provisioned (idle), so it may resume in this round."""
         assert self.round is not None
         self.sig.request_stop(site, reason, ttl_s=self.cfg.stop_ttl_s)
         self.leaving[site] = reason
-        self.events.emit("leave", site=site, round=self.round.n, reason=reason)
+        self.events.emit("leave", site=site, round=self.round.n, reason=reason, warm=warm)
+
+    def _left(self, site: str) -> None:
+        """A leaving site's reply is in (or it was dropped): no longer leaving. The next
+        ``_provision`` releases it unless the policy keeps it warm."""
+        self.leaving.pop(site, None)
 
     def _deprovision(self, site: str, reason: str) -> None:
         self.provisioner.stop(site, drain=True)
@@ -675,14 +709,17 @@ class ElasticStrategy:
             # The replay is over (or failed): no simulated time is left to train in, so the
             # round ends now and every site returns its partial work (early end below).
             r.deadline_wall = now
-        # leaves: still training but no longer in the train set (window closed)
+        # leaves: still training but no longer in the train set (above the threshold: warm
+        # while the policy keeps the site provisioned; window closed: released after)
         for site in r.pending():
             if site not in decision.train and site not in self.leaving:
-                self._request_leave(site, decision.reasons.get(site, "window closed"))
+                warm = site in decision.provision
+                self._request_leave(site, decision.reasons.get(site, "window closed"), warm)
         # joins: ready mid-round, with at least join_min_s of training left once the
-        # ClientApp has started (the measured TRAIN start-up lag)
+        # ClientApp has started (the measured TRAIN start-up lag); a warm site that paused
+        # in this round resumes from its own partial weights
         remaining = r.deadline_wall - now - (self.startup_s or 0.0)
-        joiners = sorted(s for s in trainable - set(r.participants))
+        joiners = sorted(s for s in trainable if s not in r.participants or s in r.paused())
         if joiners and remaining >= self.clock.to_wall(self.cfg.join_min_s):
             active = [s for s in r.pending() if s not in self.leaving]
             if len(active) + len(joiners) >= 2:
@@ -704,7 +741,8 @@ class ElasticStrategy:
             due = min(r.participants[site].deadline_wall, r.deadline_wall)
             if now > due + self.cfg.reply_grace_s:
                 self._drop(site, f"no reply {self.cfg.reply_grace_s:.0f} s after the deadline")
-        if not r.pending():  # everyone replied (or was dropped): no reason to wait longer
+        # everyone replied (or was dropped) and no warm site may resume before the deadline
+        if not r.pending() and (now >= r.deadline_wall or not r.paused() & self.provisioned):
             self._close_round()
 
     def _open_round(self, sites: set[str], decision) -> None:
@@ -797,25 +835,32 @@ class ElasticStrategy:
         now = time.time()
         msgs, planned = [], []
         for site in sites:
-            assignment = self._assign(site, r.deadline_wall - now - (self.startup_s or 0.0))
+            # a paused site resumes from its own weights, at its own place in the schedule,
+            # reading on where it stopped in the chunks it still holds
+            before = r.replies.get(site)
+            assignment = self._resume_assignment(r, before) if before else Assignment(site)
+            if not assignment.chunks:
+                assignment = self._assign(site, r.deadline_wall - now - (self.startup_s or 0.0))
             if not assignment.chunks:
                 continue
             self.sig.clear_stop(site)
+            step = r.base_step + (before.steps if before else 0)
             config = ConfigRecord(
                 {
                     "run": self.cfg.name,
                     "round": r.n,
-                    "global_step": r.base_step,
+                    "global_step": step,
                     "deadline_wall": r.deadline_wall,
                     "assignment": json.dumps(assignment.to_dict()),
                     "train_config": json.dumps(self.cfg.train),
                     "transfer_dtype": self.cfg.transfer_dtype,
                     "data_dir": self.cfg.data_dir,
                     "tokenizer_dir": self.cfg.tokenizer_dir,
-                    "max_steps": max(0, self.cfg.num_iterations - r.base_step),
+                    "max_steps": max(0, self.cfg.num_iterations - step),
                 }
             )
-            content = RecordDict({"model": self._global_record(r), "config": config})
+            model = encode_state(before.state, self.dtype) if before else self._global_record(r)
+            content = RecordDict({"model": model, "config": config})
             ttl = max(60.0, r.deadline_wall - now + self.cfg.reply_grace_s + 60.0)
             msgs.append(
                 Message(
@@ -831,28 +876,52 @@ class ElasticStrategy:
             return
         for (site, assignment), mid in zip(planned, self.grid.push_messages(msgs), strict=True):
             if not mid:
-                self.ledger.release(site)
+                if site not in r.replies:  # a failed resume keeps its lease for its reply
+                    self.ledger.release(site)
                 self.events.emit(
                     "fault", error="TRAIN message could not be pushed", site=site, round=r.n
                 )
                 continue
+            resumed = site in r.replies
+            if resumed:
+                r.earlier[site] = r.replies.pop(site)
             r.participants[site] = Participant(
                 site, self.site_node[site], mid, r.deadline_wall, assignment, joined, now
             )
             if joined:
                 self.events.emit(
-                    "join", site=site, round=r.n, deadline_t=self.clock.sim_now(r.deadline_wall)
+                    "join",
+                    site=site,
+                    round=r.n,
+                    deadline_t=self.clock.sim_now(r.deadline_wall),
+                    resumed=resumed,
                 )
 
+    @staticmethod
+    def _resume_assignment(r: Round, before: Reply) -> Assignment:
+        """The unread rest of a paused site's lease (still leased to it until the round
+        closes), to resume with."""
+        prev = r.participants[before.site].assignment
+        out = Assignment(site=before.site)
+        for chunk in prev.chunks:
+            key = chunk_key(chunk[0], chunk[1])
+            at = max(prev.start_rows.get(key, 0), before.consumed.get(key, 0))
+            if at < chunk[2]:
+                out.chunks.append(chunk)
+                out.start_rows[key] = at
+        return out
+
     def _drop(self, site: str, why: str) -> None:
+        """The site's work in this round is lost (its part before a pause included: the lease
+        covers both); its rows return to the pool."""
         assert self.round is not None and self.ledger is not None
         self.round.dropped.add(site)
+        self.round.earlier.pop(site, None)
         released = self.ledger.release(site)
         self.events.emit(
             "fault", error=why, site=site, round=self.round.n, released_chunks=released
         )
-        if site in self.leaving:
-            self._deprovision(site, self.leaving[site])
+        self._left(site)
 
     def _on_train_reply(self, site: str, msg: Any) -> None:
         assert self.round is not None and self.ledger is not None
@@ -865,9 +934,10 @@ class ElasticStrategy:
         except (ReplyError, LedgerError, KeyError, TypeError, ValueError) as e:
             self._drop(site, f"bad reply dropped: {e}")
             return
+        if site in r.earlier:
+            reply = r.earlier.pop(site).then(reply)
         r.replies[site] = reply
-        if site in self.leaving:
-            self._deprovision(site, self.leaving[site])
+        self._left(site)
 
     def _parse_reply(self, site: str, msg: Any) -> Reply:
         """Validate a TRAIN reply and record its energy; raises on anything unusable."""
@@ -912,7 +982,7 @@ class ElasticStrategy:
         if spans:  # TRAIN pushed -> first step: process start, imports, model, data
             lag = spans[0][0] - self.round.participants[site].sent_wall
             self.startup_s = lag if self.startup_s is None else 0.5 * (self.startup_s + lag)
-        return Reply(site, state, tokens, steps, loss, consumed)
+        return Reply(site, state, tokens, steps, loss, consumed, str(report["stopped_by"]))
 
     def _close_round(self) -> None:
         assert self.round is not None and self.ledger is not None

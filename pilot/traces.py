@@ -50,6 +50,22 @@ SYNTH_GUST_DIP_S = (300.0, 900.0)
 SYNTH_GUST_PERIOD_S = (600.0, 1200.0)
 SYNTH_GUST_LEVEL_FRAC = (0.4, 0.95)
 SYNTH_START = "2024-06-01T00:00:00Z"
+# Marginal emissions (``marginal=True``): the emission rate of the one unit on the margin.
+# While curtailed renewables set it, it is low; when a gas or coal unit does, it jumps to
+# fossil levels within one sample. So the smooth signal's windows (below SYNTH_WINDOW_LEVEL x
+# the threshold: curtailment lasts longer than the dip of an average, gaps shorter than
+# SYNTH_MIN_GAP_S merged, windows shorter than SYNTH_MIN_WINDOW_S dropped) are set to
+# SYNTH_CLEAN_FRAC of it, the rest is lifted to fossil levels (at least SYNTH_FOSSIL_MIN_G),
+# and windows hold short excursions (a gas unit briefly on the margin):
+# SYNTH_EXCURSIONS_PER_H per window hour, each 1-2 samples at SYNTH_EXCURSION_G.
+SYNTH_WINDOW_LEVEL = 1.6  # windows: where the smooth signal is below this x the threshold
+SYNTH_CLEAN_FRAC = 0.45
+SYNTH_MIN_GAP_S = 5400.0
+SYNTH_MIN_WINDOW_S = 3600.0
+SYNTH_FOSSIL_SCALE = 1.5
+SYNTH_FOSSIL_MIN_G = 450.0
+SYNTH_EXCURSIONS_PER_H = 0.1
+SYNTH_EXCURSION_G = (150.0, 450.0)
 
 
 class TraceError(ValueError):
@@ -410,6 +426,7 @@ def synthetic(
     threshold: float = 100.0,
     utc_offsets: dict[str, float] | None = None,
     gusts: bool = True,
+    marginal: bool = True,
 ) -> Trace:
     """Seeded synthetic MCI: a diurnal solar dip below ``threshold`` around each region's local
     midday (depth varies day to day: some days are cloudy), slow wind swings and short-term
@@ -417,7 +434,9 @@ def synthetic(
     the threshold at any hour, some in flickering clusters (see SYNTH_GUST_*). Vectorised over
     regions and time. The gusts draw from their own random stream: ``gusts=False`` gives the
     smooth trace of the same seed (the bundled configs/traces/synthetic-3site.csv is seed 1
-    without gusts)."""
+    without gusts). ``marginal`` (default) turns the smooth shape into what real marginal
+    emissions look like (see SYNTH_CLEAN_FRAC): jumps at the windows' edges, short excursions
+    inside them; ``marginal=False`` keeps the smooth, average-intensity-like shape."""
     offsets = {**REGION_UTC_OFFSET_H, **(utc_offsets or {})}
     unknown = [r for r in regions if r not in offsets]
     if unknown:
@@ -453,9 +472,46 @@ def synthetic(
     noise = rng.normal(0.0, SYNTH_NOISE_G * math.sqrt(3), (R, n + 2))
     mci += (noise[:, :-2] + noise[:, 1:-1] + noise[:, 2:]) / 3.0
     mci = np.clip(mci, *SYNTH_RANGE)
+    if marginal:
+        mci = _marginal(np.random.default_rng([seed, 2]), mci, times, threshold)
     if gusts:
         mci = np.minimum(mci, _gust_levels(np.random.default_rng([seed, 1]), R, times, threshold))
     return Trace(times, list(regions), mci)
+
+
+def _marginal(
+    rng: np.random.Generator, smooth: np.ndarray, times: np.ndarray, threshold: float
+) -> np.ndarray:
+    """Marginal-emission levels from a smooth signal (see SYNTH_CLEAN_FRAC)."""
+    step = float(times[1] - times[0]) if times.size > 1 else 300.0
+    inside = np.stack([_merged_runs(row < SYNTH_WINDOW_LEVEL * threshold, step) for row in smooth])
+    clean = np.minimum(smooth * SYNTH_CLEAN_FRAC, 0.95 * threshold)
+    fossil = np.clip(smooth * SYNTH_FOSSIL_SCALE, SYNTH_FOSSIL_MIN_G, SYNTH_RANGE[1])
+    out = np.where(inside, clean, fossil)
+    # excursions start at a random in-window sample and stay inside the window
+    start = inside & (rng.random(inside.shape) < SYNTH_EXCURSIONS_PER_H * step / 3600.0)
+    length = rng.integers(1, 3, inside.shape)
+    level = rng.uniform(*SYNTH_EXCURSION_G, inside.shape)
+    for r, k in zip(*np.nonzero(start), strict=True):
+        span = slice(k, k + int(length[r, k]))
+        out[r, span] = np.where(inside[r, span], level[r, k], out[r, span])
+    return out
+
+
+def _merged_runs(below: np.ndarray, step: float) -> np.ndarray:
+    """``below`` with gaps shorter than SYNTH_MIN_GAP_S filled and runs shorter than
+    SYNTH_MIN_WINDOW_S removed."""
+    out = below.copy()
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], below.astype(np.int8), [0]])))
+    runs = list(zip(edges[::2], edges[1::2], strict=True))  # [start, end) sample indices
+    for (_, e0), (s1, _) in zip(runs, runs[1:], strict=False):
+        if (s1 - e0) * step < SYNTH_MIN_GAP_S:
+            out[e0:s1] = True
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], out.astype(np.int8), [0]])))
+    for s0, e0 in zip(edges[::2], edges[1::2], strict=True):
+        if (e0 - s0) * step < SYNTH_MIN_WINDOW_S:
+            out[s0:e0] = False
+    return out
 
 
 def _gust_levels(
