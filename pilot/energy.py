@@ -1,11 +1,18 @@
 """Vessim co-simulation of the sites' grids, publishing curtailment signals into Redis.
 
-One Vessim microgrid per site: the site's MCI trace as grid signal ``mci``, one consumer actor
-``gpu`` whose power is what the site reports in ``power:<s>`` (W, or a power-model state word
-"off" | "idle" | "train"; absent = off), and a GridConnection that balances it. A controller
-publishes every tick (``meta``, ``site:<s>``, ``signals``, ``forecast:<s>``) and paces the run:
-Vessim's live mode has no speed-up, so we run a study and sleep so that simulated time advances
-``speedup`` times faster than wall time (0 = as fast as possible).
+One Vessim microgrid per site: the site's MCI as grid signal ``mci``, read at each tick from
+the site's signal source (pilot.sources: a trace replay, or a live WattTime / Electricity
+Maps feed), one consumer actor ``gpu`` whose power is what the site reports in ``power:<s>``
+(W, or a power-model state word "off" | "idle" | "train"; absent = off), and a
+GridConnection that balances it. A controller publishes every tick (``meta``, ``site:<s>``,
+``signals``, ``forecast:<s>``) and paces the run: Vessim's live mode has no speed-up, so we
+run a study and sleep so that simulated time advances ``speedup`` times faster than wall
+time (0 = as fast as possible; live sources run at 1).
+
+A site whose source has no fresh value is *stale*: published without ``mci`` and with
+``curtailed`` 0 and ``stale`` 1, its forecast removed, so the ServerApp's policy counts it
+as not curtailed (pilot.policy.Policy.step treats a site missing from ``mci`` so); a
+``fault`` event marks each site going stale. Vessim holds the last value it saw.
 """
 
 from __future__ import annotations
@@ -14,17 +21,20 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import vessim as vs
 
-from pilot.policy import make_forecaster
+from pilot.clock import Clock
+from pilot.policy import forecast_error, make_forecaster
 from pilot.signals import Signals
 from pilot.sites import Site, SitesConfig
+from pilot.sources.base import Reading, Source
+from pilot.sources.record import SignalRecord
+from pilot.sources.trace import TraceSource
 from pilot.traces import Trace, iso
 
 PROGRESS_EVERY_S = 2.0  # wall seconds between progress lines
@@ -69,6 +79,27 @@ class SitePower(vs.Signal):
         return self.model_w[v] if isinstance(v, str) else float(v)
 
 
+class SiteMci(vs.Signal):
+    """A site's MCI as its source gives it at each tick, rounded as published. Keeps the
+    tick's reading for the publisher, so Vessim, Redis and the record see one value; on
+    stale ticks Vessim, which needs a finite number, holds the last value seen (0 before)."""
+
+    def __init__(self, source: Source, region: str, start: float):
+        self.source, self.region, self.t0 = source, region, start
+        self.reading: Reading | None = None
+        self.held = 0.0
+
+    def __repr__(self) -> str:
+        return f"SiteMci({self.source.kind}:{self.region})"
+
+    def at(self, elapsed: timedelta | float | None = None) -> float:
+        s = elapsed.total_seconds() if isinstance(elapsed, timedelta) else float(elapsed or 0)
+        self.reading = self.source.reading(self.region, self.t0 + s)
+        if self.reading is not None:
+            self.held = round(self.reading.mci, 3)
+        return self.held
+
+
 class Publisher(vs.Controller):
     """Publishes each tick into Redis and paces the run against the wall clock."""
 
@@ -76,24 +107,30 @@ class Publisher(vs.Controller):
         self,
         signals: Signals,
         sites: SitesConfig,
-        trace: Trace,
+        mci: dict[str, SiteMci],
         cfg: SimConfig,
         stop: threading.Event,
         verbose: bool = True,
+        record: SignalRecord | None = None,
+        clock: Clock | None = None,
     ):
-        self.signals, self.sites, self.trace, self.cfg = signals, sites, trace, cfg
+        self.signals, self.sites, self.mci, self.cfg = signals, sites, mci, cfg
         self.stop = stop
         self.verbose = verbose
-        self.forecaster = make_forecaster(cfg.forecaster, trace)
+        self.record = record
+        self.clock = clock  # None: anchored at the wall instant the run starts
         self.energy_wh = {s.name: 0.0 for s in sites.sites}
         self.last_curtailed: dict[str, bool] = {}
         self.transitions: list[tuple[float, str, bool]] = []  # (t, site, curtailed)
+        self.stale: set[str] = set()
         self.ticks = 0
         self.wall_start = 0.0
         self._last_print = -math.inf
 
     def start(self, environment: vs.Environment) -> None:
-        self.wall_start = time.time()
+        if self.clock is None:
+            self.clock = Clock(self.cfg.start, time.time(), self.cfg.speedup)
+        self.wall_start = self.clock.wall_at(self.cfg.start)
         self.signals.reset_published(self.sites.names)
         self.signals.publish_meta(
             sim_start=repr(self.cfg.start),
@@ -110,6 +147,7 @@ class Publisher(vs.Controller):
             horizon_s=self.cfg.horizon_s,
             forecaster=self.cfg.forecaster,
             trace=self.cfg.trace_source,
+            sources={s.name: s.source for s in self.sites.sites},
         )
         self.signals.event("energy_sim", status="running", start=self.cfg.start, end=self.cfg.end)
 
@@ -117,34 +155,66 @@ class Publisher(vs.Controller):
         if self.stop.is_set():
             raise Stopped()
         t = pd.Timestamp(now).timestamp()
-        states, forecasts = {}, {}
+        states, forecasts, seen = {}, {}, {}
         for site in self.sites.sites:
             ms = microgrid_states[site.name]
-            mci = round(float(ms["grid_signals"]["mci"]), 3)  # as published: one truth
+            reading = self.mci[site.name].reading
             power_w = -float(ms["actor_states"]["gpu"]["power"])
             # energy over the tick that starts now (setpoints are held for one step)
             self.energy_wh[site.name] += power_w * min(self.cfg.step_s, self.cfg.end - t) / 3600.0
-            curtailed = mci < self.cfg.threshold
+            st: dict[str, Any] = {
+                "power_w": round(power_w, 3),
+                "energy_wh": round(self.energy_wh[site.name], 6),
+                "stale": reading is None,
+            }
+            if reading is None:
+                curtailed = False
+                self._went_stale(t, site)
+            else:
+                self.stale.discard(site.name)
+                mci = float(ms["grid_signals"]["mci"])  # the reading, as Vessim saw it
+                curtailed = mci < self.cfg.threshold
+                st.update(mci=mci, observed_at=reading.time)
+                forecasts[site.name] = reading.forecast
+            st["curtailed"] = curtailed
+            seen[site.region] = st.get("mci")
             if self.last_curtailed.get(site.name) != curtailed:
                 self.transitions.append((t, site.name, curtailed))
                 self.last_curtailed[site.name] = curtailed
-            states[site.name] = {
-                "mci": mci,
-                "curtailed": curtailed,
-                "power_w": round(power_w, 3),
-                "energy_wh": round(self.energy_wh[site.name], 6),
-            }
-            forecasts[site.name] = self.forecaster.forecast(site.region, t, self.cfg.horizon_s, mci)
+            states[site.name] = st
+        self._forget_stale(set(states) - set(forecasts))
         self.signals.publish_tick(t, states, forecasts)
+        if self.record is not None:
+            self.record.tick(t, seen)
         self.ticks += 1
         self._progress(t, states)
         self._pace(t + self.cfg.step_s)
+
+    def _went_stale(self, t: float, site: Site) -> None:
+        if site.name in self.stale:
+            return
+        self.stale.add(site.name)
+        why = self.mci[site.name].source.stale_reason(site.region)
+        self.signals.event(
+            "fault", t=t, site=site.name, error=f"signal stale ({why}): published as not curtailed"
+        )
+
+    def _forget_stale(self, names: set[str]) -> None:
+        """Drop the last value and forecast of stale sites before the tick is published:
+        readers must not take an old value for a current one."""
+        if not names:
+            return
+        with self.signals.r.pipeline(transaction=True) as p:
+            for s in names:
+                p.hdel(self.signals.key(f"site:{s}"), "mci")
+                p.delete(self.signals.key(f"forecast:{s}"))
+            p.execute()
 
     def _pace(self, next_t: float) -> None:
         """Sleep until the wall instant of the next tick (interruptible by a stop request)."""
         if self.cfg.speedup <= 0 or next_t >= self.cfg.end:
             return
-        delay = self.wall_start + (next_t - self.cfg.start) / self.cfg.speedup - time.time()
+        delay = self.clock.wall_at(next_t) - time.time()
         if delay > 0 and self.stop.wait(delay):
             raise Stopped()
 
@@ -153,7 +223,8 @@ class Publisher(vs.Controller):
             return
         self._last_print = time.monotonic()
         parts = [
-            f"{s} {st['mci']:.0f}{'*' if st['curtailed'] else ' '} {st['power_w']:.0f}W"
+            f"{s} {'stale' if st['stale'] else format(st['mci'], '.0f')}"
+            f"{'*' if st['curtailed'] else ' '} {st['power_w']:.0f}W"
             for s, st in states.items()
         ]
         done = 100.0 * (t - self.cfg.start) / max(1.0, self.cfg.end - self.cfg.start)
@@ -162,39 +233,50 @@ class Publisher(vs.Controller):
         )
 
 
-def vessim_trace(trace: Trace, region: str, cfg: SimConfig) -> vs.Trace:
-    """The region's MCI on the simulation's tick grid, offset-indexed from tick 0. Vessim's
-    Trace holds values between samples (ffill); sampling our linear interpolation at every
-    tick makes Vessim see exactly the interpolated trace."""
-    offsets = np.arange(0.0, cfg.hours * 3600.0 + cfg.step_s, cfg.step_s)
-    ts = np.minimum(cfg.start + offsets, trace.end)
-    return vs.Trace(pd.Series(trace.series(region, ts), index=offsets, name=region), repr_=region)
+def trace_source(sites: SitesConfig, trace: Trace, cfg: SimConfig) -> TraceSource:
+    """Replay of ``trace`` over the run's span, forecast by the configured forecaster."""
+    trace.require(cfg.start, cfg.end)
+    fc = make_forecaster(cfg.forecaster, trace, forecast_error(sites))
+    return TraceSource(trace, fc, cfg.horizon_s)
 
 
 def build(
     signals: Signals,
     sites: SitesConfig,
-    trace: Trace,
+    trace: Trace | None,
     cfg: SimConfig,
     stop: threading.Event,
     record: Path | None = None,
     verbose: bool = True,
+    *,
+    sources: dict[str, Source] | None = None,
+    signal_record: SignalRecord | None = None,
+    clock: Clock | None = None,
 ):
-    """The Vessim environment, its publisher and its recorder (not yet run)."""
-    trace.require(cfg.start, cfg.end)
+    """The Vessim environment, its publisher and its recorder (not yet run). ``sources``
+    ({site: started source}) default to replaying ``trace``; ``clock`` (tests) anchors the
+    run's pacing instead of the wall instant it starts."""
+    if sources is None:
+        if trace is None:
+            raise ValueError("energy simulation: give a trace or the sites' sources")
+        src = trace_source(sites, trace, cfg)
+        sources = {s.name: src for s in sites.sites}
     env = vs.Environment(
         sim_start=pd.Timestamp(cfg.start, unit="s", tz="UTC"),
         step_size=cfg.step_s,
         name=f"curtail-{cfg.run}",
     )
+    mci = {s.name: SiteMci(sources[s.name], s.region, cfg.start) for s in sites.sites}
     for site in sites.sites:
         env.add_microgrid(
             name=site.name,
             actors=[vs.Consumer("gpu", SitePower(signals, site))],
             dispatchables=[vs.GridConnection()],
-            grid_signals={"mci": vessim_trace(trace, site.region, cfg)},
+            grid_signals={"mci": mci[site.name]},
         )
-    publisher = env.add_controller(Publisher(signals, sites, trace, cfg, stop, verbose))
+    publisher = env.add_controller(
+        Publisher(signals, sites, mci, cfg, stop, verbose, signal_record, clock)
+    )
     # timeseries only when written to disk: in memory it would grow without bound
     recorder = env.add_controller(vs.Recorder(record, timeseries=record is not None))
     return env, publisher, recorder
@@ -203,16 +285,32 @@ def build(
 def run(
     signals: Signals,
     sites: SitesConfig,
-    trace: Trace,
+    trace: Trace | None,
     cfg: SimConfig,
     stop: threading.Event | None = None,
     record: Path | None = None,
     verbose: bool = True,
+    *,
+    sources: dict[str, Source] | None = None,
+    signal_record: SignalRecord | None = None,
+    clock: Clock | None = None,
 ) -> dict[str, Any]:
     """Run to the end of the requested span (status "finished") or until ``stop`` is set
-    (status "stopped"); a crash leaves status "failed". Returns a summary."""
+    (status "stopped"); a crash leaves status "failed". Returns a summary. The caller
+    starts and closes ``sources`` (pilot.sources.open_sources)."""
     stop = stop or threading.Event()
-    env, pub, rec = build(signals, sites, trace, cfg, stop, record, verbose)
+    env, pub, rec = build(
+        signals,
+        sites,
+        trace,
+        cfg,
+        stop,
+        record,
+        verbose,
+        sources=sources,
+        signal_record=signal_record,
+        clock=clock,
+    )
     status = "failed"
     try:
         env.run(until=int(round(cfg.hours * 3600)))

@@ -104,7 +104,7 @@ class RunState:
             self.state[site], self.train_since[site] = "training", t
         elif kind == "leave" and site:
             self.leaves += 1
-            self._stop_training(site, "idle")
+            self._stop_training(site, "warm" if ev.get("warm") else "idle")
         elif kind == "round_end":
             for s in ev.get("sites", []):
                 self._stop_training(s, "idle")
@@ -203,6 +203,7 @@ def describe(ev: dict) -> str:
         )
     elif kind in ("join", "leave", "provision_started", "provision_complete", "deprovision"):
         body = f"{fields.get('site')}" + (f" ({fields['reason']})" if fields.get("reason") else "")
+        body += " [warm]" if fields.get("warm") else " [resumed]" if fields.get("resumed") else ""
     elif kind == "round_start":
         body = f"round {fields.get('round')} sites {','.join(fields.get('sites', []))}"
     else:

@@ -22,8 +22,9 @@ Graceful degradation with a wrong forecast:
 - a skip ("too short") is revoked as soon as the predicted window end has passed while MCI
   is still below the threshold;
 - pre-provisioning for a predicted window that does not come is held for at most
-  ``release_delay_s`` past the predicted opening, then dropped, and pre-provisioning stays off
-  until a real window next opens.
+  ``release_delay_s`` past the predicted opening (longer while the newest forecast still sees
+  it open within the provisioning delay: forecasts err in timing), then dropped, and
+  pre-provisioning stays off until a real window next opens.
 
 Two equivalent implementations: ``Policy.step`` (one tick, per-site objects, with reasons —
 used live by the ServerApp) and ``simulate_batch`` (numpy over sites x ticks, with the
@@ -397,7 +398,11 @@ class Policy:
                             else "release hold, no window worth provisioning predicted"
                         )
             else:
-                if st.pre_open is not None and now > st.pre_open + cfg.release_delay_s:
+                if (
+                    st.pre_open is not None
+                    and now > st.pre_open + cfg.release_delay_s
+                    and not _still_coming(ol, now, thr, d)
+                ):
                     st.pre_open, st.missed = None, True  # the predicted window did not come
                 pre = ol is not None and not st.missed and _useful(ol, now, d, dt, cfg.min_window_s)
                 if pre:
@@ -467,6 +472,13 @@ def _useful(ol: Outlook, now: float, delay: float, dt: float, min_window_s: floa
     if not _too_late_next_tick(ol.t_open - now, delay, dt):
         return False
     return ol.t_close == math.inf or ol.t_close - max(now + delay, ol.t_open) >= min_window_s
+
+
+def _still_coming(ol: Outlook | None, now: float, thr: float, delay: float) -> bool:
+    """A late predicted window is still worth waiting for: the newest forecast, agreeing that
+    it is not open yet, sees it open within the provisioning delay (forecasts err in timing;
+    a site released now would not be back in time)."""
+    return ol is not None and ol.now_value >= thr and ol.t_open - now <= delay
 
 
 def _early_release(
@@ -806,8 +818,10 @@ def simulate_batch(
             # (below or above) that calls the (remaining or next) window not worth it
             skip_base = has & ((fnow < thr) == below) & ~useful
         pre_base = has & useful
+        coming = has & (fnow >= thr) & (lead <= d)  # _still_coming
     else:
         INW = _latch(enter_ok, leave_ok, st.in_window)
+        coming = np.zeros((K, S), dtype=bool)
     ENTER = INW & ~np.vstack([st.in_window[None, :], INW[:-1]])
     P = np.zeros((K, S), dtype=bool)
     T = np.zeros((K, S), dtype=bool)
@@ -823,7 +837,8 @@ def simulate_batch(
         pre = np.where(enter, np.nan, pre)
         missed = missed & ~enter
         skc = np.where(enter, np.nan, skc)
-        timeout = out & (now > pre + rel)  # a predicted window that did not come
+        # a predicted window that did not come (and today's forecast no longer sees it soon)
+        timeout = out & (now > pre + rel) & ~coming[k]
         missed = missed | timeout
         if use_fc:
             # skip until proven wrong (predicted end passed while still below)

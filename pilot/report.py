@@ -24,8 +24,10 @@ and, by kind:
     provision_complete  site             ready: joined, can train
     deprovision         site, reason     power draw stops here
     round_start         round, sites (list), deadline_t
-    join                site, round      a site entering a running round
-    leave               site, round, reason
+    join                site, round, resumed   a site entering a running round (resumed: it
+                        paused warm in this round and goes on from its own weights)
+    leave               site, round, reason, warm   a site asked to stop stepping (warm: it
+                        stays provisioned, idle, above the threshold; else released after)
     lease_extended      site, round, rank, chunks, rows   more data leased mid-round
     train_interval      site, round, start, end (sim t), tokens, steps, loss,
                         curve (per-step losses over [start, end), binned: loss_curve),

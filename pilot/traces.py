@@ -578,6 +578,12 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="short wind-driven dips below the threshold at any hour (default: on)",
     )
+    s.add_argument(
+        "--marginal",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="marginal-emission levels: jumps at window edges, excursions (default: on)",
+    )
     s.add_argument("--out", required=True)
     c = sub.add_parser("check", help="validate trace file(s) and print a summary")
     c.add_argument("paths", nargs="+")
@@ -606,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
                 a.threshold,
                 offsets,
                 gusts=a.gusts,
+                marginal=a.marginal,
             )
             save_wide_csv(trace, a.out)
             print(f"wrote {a.out}")

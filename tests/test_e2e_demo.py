@@ -3,11 +3,12 @@ pilot.launch`): real Valkey, real energy simulation, real Flower SuperLink/Super
 training on the offline demo corpus. Only the speed-up and the step budget differ from the
 full demo.
 
-The span is the demo's: no window (PAUSE), Texas alone (LOCAL), Texas and California
-together (FEDERATED: California joins Texas's running round), Texas leaves mid-round
-(LOCAL again, California alone), California leaves (PAUSE). Replayed 120x instead of 84x,
-~4 minutes here, in a fresh CURTAIL_HOME, so first-use preparation (corpus, tokenizer) runs
-too.
+The span is the demo's: no window (PAUSE), Texas alone (LOCAL), paused through a short
+excursion above the threshold with its node warm and resumed in the same round, Texas and
+California together (FEDERATED: California joins Texas's running round), Texas leaves
+mid-round (LOCAL again, California alone), California leaves (PAUSE). Replayed 120x instead
+of 96x, ~4 minutes here, in a fresh CURTAIL_HOME, so first-use preparation (corpus,
+tokenizer) runs too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pytest
 from test_launch import MARK, marked  # tests/ is on sys.path (rootdir conftest, no package)
 
 REPO = Path(__file__).resolve().parents[1]
-SPEEDUP = "120"  # 7 h in 210 s; the demo's 30-minute SuperNode boot is 15 s wall
+SPEEDUP = "120"  # 8.9 h in 268 s; the demo's 30-minute SuperNode boot is 15 s wall
 # Never the binding limit, on any machine: the run must end at the trace's end ("trace_end").
 # (A CI box once trained past 200 steps within the span and the run ended on "steps".)
 STEPS = "100000"
@@ -98,6 +99,44 @@ def test_demo_timeline_shows_every_phase_a_join_and_a_leave(demo_run):
     assert [r["kind"] for r in rows] == kinds
     # and the live view printed the phases as they happened
     assert "mode FEDERATED" in res.stdout and "join california" in res.stdout
+
+
+def test_demo_site_pauses_above_the_threshold_stays_warm_and_resumes_in_the_same_round(demo_run):
+    _, run_dir, _ = demo_run
+    events = _events(run_dir)
+    pauses = [
+        (i, e) for i, e in enumerate(events) if e["kind"] == "leave" and e.get("warm") is True
+    ]
+    assert pauses, "no site was paused warm"
+    resumed = []
+    for i, pause in pauses:
+        site, rnd = pause["site"], pause["round"]
+        later = events[i + 1 :]
+        j = next(
+            (k for k, e in enumerate(later) if e["kind"] == "join" and e["site"] == site), None
+        )
+        if j is None:
+            continue
+        join, between = later[j], later[:j]
+        # warm: its node never went down or restarted before it trained again
+        assert not any(
+            e.get("site") == site and e["kind"] in ("deprovision", "provision_started")
+            for e in between
+        )
+        if join["round"] != rnd:  # back too late for its round (ClientApp start-up here)
+            continue
+        # the same round, from the site's own weights
+        assert join["resumed"] is True, join
+        assert not any(e["kind"] == "round_end" and e["round"] == rnd for e in between)
+        # its partial work before the pause was trained and stopped by us
+        stopped = [e for e in between if e["kind"] == "train_interval" and e["site"] == site]
+        assert stopped and stopped[-1]["stopped_by"] == "stop"
+        resumed.append((site, rnd))
+    assert resumed, f"paused {[(e['site'], e['round']) for _, e in pauses]}, none resumed"
+    # the resumed round aggregated the site's work (both parts, as one reply)
+    site, rnd = resumed[0]
+    agg = next(e for e in events if e["kind"] == "aggregate" and e["round"] == rnd)
+    assert site in agg["sites"]
 
 
 def test_demo_loss_falls_and_the_report_matches_its_events(demo_run):

@@ -373,3 +373,65 @@ def test_bad_site_config_error_names_file_and_field(tmp_path, edit, message):
     p.write_text(GOOD + GOOD[GOOD.index("[[sites]]") :])
     with pytest.raises(ConfigError, match=r"duplicate site name\(s\) \['a'\]"):
         load_sites(p)
+
+
+def excursion_trace(level: float, minutes: int) -> Trace:
+    """1 h at 40 g/kWh, ``minutes`` at ``level`` (1-minute samples), then 1 h at 40."""
+    vals = [40.0] * 60 + [level] * minutes + [40.0] * 60
+    return Trace(1.7e9 + 60.0 * np.arange(len(vals)), ["X"], np.array([vals]))
+
+
+@pytest.mark.parametrize("level", [800.0, 150.0])
+def test_warm_hold_lasts_until_idle_emissions_reach_a_reprovisioning_cost(level):
+    sc = sites_config(["X"])
+    pol = P.make_policy("forecast", sc)
+    hold_g = pol.hold_cost_g("s0")
+    # paper sites, lost work priced at half the threshold: 8.3 g
+    assert hold_g == pytest.approx(DELAY / 3600 * (0.468 + 2.024) * THR / 2)
+    trace = excursion_trace(level, 60)
+    prov, train, _ = run_steps(pol, trace, sc, trace.times, P.persistence(trace))
+    above = trace.row("X") >= THR
+    assert not (train[0] & above).any()  # never steps above the threshold
+    warm_s = 60.0 * (prov[0] & above).sum()
+    # idle grams accrue per minute after the first minute above: released at the first tick
+    # whose total reaches the cost
+    expected = 60.0 * math.ceil(hold_g / (0.468 * level / 60))
+    assert warm_s == pytest.approx(expected)
+    assert warm_s < 3600 and toggles(prov[0]) == 2  # released in the excursion, then back
+
+
+def test_short_excursion_is_held_warm_and_training_resumes_without_a_new_boot():
+    sc = sites_config(["X"])
+    trace = excursion_trace(300.0, 3)  # 3 min at 300 g: cheaper to hold than to reboot
+    prov, train, ready = run_steps(
+        P.make_policy("forecast", sc), trace, sc, trace.times, P.persistence(trace)
+    )
+    above = trace.row("X") >= THR
+    assert prov[0].all()  # provisioned once, never released in the excursion
+    assert not (train[0] & above).any()
+    after = np.flatnonzero(above)[-1] + 1
+    assert train[0][after] and ready[0][after]  # steps again at once, no boot
+
+
+def test_noisy_forecast_is_seeded_exact_now_and_errs_more_further_ahead():
+    trace = synthetic(REGIONS, 48, seed=2, gusts=False)
+    now = trace.start + 6 * 3600.0
+    fc = P.noisy(trace, P.ForecastError(time_s=900.0, level=0.15, seed=7))
+    a = fc.forecast("SPP_TX", now, 7200.0, current=123.0)
+    assert a == fc.forecast("SPP_TX", now, 7200.0, current=123.0)  # seeded
+    assert a[0] == (now, 123.0)  # the present is measured
+    other = P.noisy(trace, P.ForecastError(seed=8)).forecast("SPP_TX", now, 7200.0)
+    assert [v for _, v in other][1:] != [v for _, v in a][1:]
+    # no error: the perfect forecast's points exactly
+    exact = P.noisy(trace, P.ForecastError(time_s=0.0, level=0.0))
+    assert exact.forecast("SPP_TX", now, 3600.0) == P.perfect(trace).forecast("SPP_TX", now, 3600.0)
+    # the log-level error's spread grows with the horizon (over many issue times)
+    lvl = P.noisy(trace, P.ForecastError(time_s=0.0, level=0.15, seed=1))
+    errs = []
+    for k in range(200):
+        t = trace.start + k * 600.0
+        pts = lvl.forecast("CAISO_NORTH", t, 3600.0)
+        truth = trace.series("CAISO_NORTH", np.array([p[0] for p in pts]))
+        errs.append(np.log(np.array([p[1] for p in pts]) / truth))
+    spread = np.std(np.array([e[[1, -1]] for e in errs]), axis=0)
+    assert spread[0] < spread[1] and spread[1] == pytest.approx(0.15, rel=0.3)

@@ -160,7 +160,6 @@ def test_marginal_synthetic_jumps_at_window_edges_and_has_short_excursions_insid
     assert any(n <= 2 for n in runs) and any(n > 12 for n in runs)
     assert (tr.values[below] < 0.95 * 100).all() and tr.values.min() >= 5
 
-
     with pytest.raises(TraceError, match="no UTC offset known for region\\(s\\) PJM"):
         T.synthetic(["PJM"], 24, seed=1)
     assert T.synthetic(["PJM"], 24, seed=1, utc_offsets={"PJM": -5}).regions == ["PJM"]
@@ -209,6 +208,6 @@ def test_bundled_default_trace_is_valid():
     assert tr.regions == ["CAISO_NORTH", "SPP_TX", "NEM_SA"]
     assert tr.end - tr.start == 48 * 3600 and tr.step == 300
     assert all(T.windows(tr.times, tr.row(r), 100.0) for r in tr.regions)
-    # it is the marginal seed-34 trace without gusts (the demo is tuned on it)
-    ref = T.synthetic(tr.regions, 48, seed=34, gusts=False)
+    # it is the marginal seed-44 trace without gusts (the demo is tuned on it)
+    ref = T.synthetic(tr.regions, 48, seed=44, gusts=False)
     np.testing.assert_allclose(tr.values, ref.values, atol=0.006)
