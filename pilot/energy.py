@@ -52,7 +52,7 @@ class SimConfig:
     step_s: int = 60
     speedup: float = 1.0  # sim seconds per wall second; 0 = as fast as possible
     threshold: float = 100.0
-    forecaster: str = "perfect"
+    forecaster: str = "persistence"
     horizon_s: float = 3600.0
     trace_source: str = ""  # the trace file(s) replayed, published so reports use the same one
 
