@@ -687,6 +687,7 @@ def run_stack(plan: Plan, view: LiveView) -> Outcome:
         )
         run_id = flwr_run_id(run_log)
         if run_id is None:
+            procs.check()  # a dead SuperLink is the cause, not flwr run's reaction to it
             lines = [ln for ln in tail(run_log, 20).splitlines() if ln.strip()]
             return Outcome(
                 "failed", f"flwr run could not start the run: {lines[-1] if lines else '?'}"
@@ -717,6 +718,7 @@ def run_stack(plan: Plan, view: LiveView) -> Outcome:
             if deadline and time.monotonic() > deadline:
                 return Outcome("timeout", f"gave up after {plan.timeout:.0f} s (--timeout)", run_id)
             time.sleep(0.5)
+        procs.check()  # flwr run may notice a crashed SuperLink before the loop does
         view.refresh()
         status, detail = flwr_run_status(run_id, env)
         if flwr.returncode != 0 and status == "completed":
