@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from pilot import energy
-from pilot.launch import curtail_home
+from pilot.launch import curtail_home, trace_path
 from pilot.signals import Signals, connect, redact
 from pilot.sites import FORECASTER_NAMES, SitesConfig, load_sites
 from pilot.sources import live_regions, open_sources
@@ -71,7 +71,9 @@ def replay_trace(a: argparse.Namespace, sites: SitesConfig) -> tuple[Trace | Non
     if trace_arg is None:
         raise ValueError(f"{a.sites}: no trace; pass --trace")
     names = trace_arg if isinstance(trace_arg, list) else [trace_arg]
-    return load_trace(trace_arg, regions=regions), ",".join(str(t) for t in names)
+    # absolute, so the ServerApp's report (another process, another directory) finds them
+    published = ",".join(trace_path(str(t), Path.cwd()) for t in names)
+    return load_trace(trace_arg, regions=regions), published
 
 
 def sim_config(

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from nanochat.common import is_ddp
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
 
 
 @dataclass
@@ -315,3 +316,32 @@ def evaluate_bpb(
     if nbytes.item() == 0:
         raise ValueError("evaluate_bpb saw no target bytes: is the validation loader empty?")
     return nats.item() / (math.log(2) * nbytes.item())
+
+
+def eval_steps(cfg: TrainConfig, world: int = 1) -> int:
+    """Validation batches per evaluation: cfg.eval_tokens over all ranks, at least one."""
+    return max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.sequence_len * world))
+
+
+def val_bpb(
+    model: GPT,
+    tokenizer: Tokenizer,
+    data_dir,
+    cfg: TrainConfig,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    autocast_ctx=None,
+) -> float:
+    """The run's validation metric: evaluate_bpb over the first cfg.eval_tokens tokens of the
+    held-out (last) shard, read from its start every time. The torchrun baseline, the
+    ServerApp's per-round validation and bench/parity.py all call this, so their numbers are
+    the same measurement (same shard, same tokens, same budget)."""
+    device = next(model.parameters()).device
+    loader = DataLoader(
+        tokenizer, data_dir, cfg.device_batch_size, cfg.sequence_len,
+        rank=rank, world=world, split="val", device=device,
+    )  # fmt: skip
+    return evaluate_bpb(
+        model, loader, tokenizer.token_bytes(), eval_steps(cfg, world), autocast_ctx
+    )

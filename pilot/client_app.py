@@ -6,7 +6,8 @@ Messages (docs/ARCHITECTURE.md, "Flower messages"):
 - ``train``: content ``ArrayRecord "model"`` + ``ConfigRecord "config"`` = {run, round,
   global_step, deadline_wall, assignment (JSON), train_config (JSON), transfer_dtype,
   data_dir, tokenizer_dir, max_steps}. Reply ``ArrayRecord "model"`` (same transfer dtype),
-  ``MetricRecord "metrics"`` = {tokens, steps, loss, energy_j (-1: not measured)},
+  ``MetricRecord "metrics"`` = {tokens, steps, loss, energy_j (-1: not measured),
+  cropped_tokens},
   ``ConfigRecord "report"`` = {site, consumed (JSON), intervals (JSON [[start, end]] wall
   seconds), stopped_by, start_step, end_step, losses (JSON), device, world}.
 
@@ -89,6 +90,8 @@ def train(msg: Message, context: Context) -> Message:
             "steps": res.steps,
             "loss": res.loss if math.isfinite(res.loss) else -1.0,
             "energy_j": res.energy_j if res.energy_j is not None else -1.0,
+            # the tail of documents that did not fit a BOS-aligned row: read, never trained on
+            "cropped_tokens": int(res.stats.get("cropped_tokens", 0)),
         }
     )
     report = ConfigRecord(

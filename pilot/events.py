@@ -4,6 +4,8 @@ source of reports; flushed per event) and the Redis ``events`` stream (live view
 The schema (kinds and fields) is documented in pilot/report.py; every event has ``kind``,
 ``t`` (simulated epoch seconds) and ``wall``. Observers (the live carbon ledger) see each
 event as it is emitted, so the live ledger and a replay of events.jsonl agree by construction.
+Each notable event is also logged as one line (``describe``): in the ServerApp that log is what
+``flwr run --stream`` shows, and the launcher's plain view prints the same lines.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +35,58 @@ EVENT_KINDS = (
     "train_interval",
     "round_end",
     "aggregate",
+    "validation",
     "fault",
     "run_end",
 )
+# Events worth a line of their own (the rest only feed state, files and reports).
+NOTABLE = (set(EVENT_KINDS) - {"provision_decided", "train_interval", "round_end"}) | {
+    "energy_sim"  # published by the energy simulation, not the ServerApp
+}
+
+
+def hhmm(t: float | None) -> str:
+    return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%m-%d %H:%M")
+
+
+def num(x: Any, fmt: str) -> str:
+    try:
+        return format(float(x), fmt)
+    except (TypeError, ValueError):
+        return "-"
+
+
+def describe(ev: dict) -> str:
+    """One short line for an event, stamped with its simulated time."""
+    kind, t = ev.get("kind", "?"), hhmm(ev.get("t"))
+    fields = {k: v for k, v in ev.items() if k not in ("kind", "t", "wall")}
+    if kind == "energy_sim":  # published by the simulation itself, on the wall clock
+        return f"energy simulation {fields.get('status', '')}"
+    if kind == "run_start":
+        body = f"{fields.get('run')} policy {fields.get('policy')}" + (
+            " (resumed)" if fields.get("resumed") else ""
+        )
+    elif kind == "mode":
+        body = f"{fields.get('mode')} train={','.join(fields.get('train', [])) or '-'}"
+    elif kind == "aggregate":
+        body = (
+            f"round {fields.get('round')} step {fields.get('global_step')} "
+            f"round-mean train loss {num(fields.get('loss'), '.3f')} "
+            f"sites {','.join(fields.get('sites', []))}"
+        )
+    elif kind == "validation":
+        body = (
+            f"round {fields.get('round')} step {fields.get('global_step')} "
+            f"val bpb {num(fields.get('bpb'), '.4f')}"
+        )
+    elif kind in ("join", "leave", "provision_started", "provision_complete", "deprovision"):
+        body = f"{fields.get('site')}" + (f" ({fields['reason']})" if fields.get("reason") else "")
+        body += " [warm]" if fields.get("warm") else " [resumed]" if fields.get("resumed") else ""
+    elif kind == "round_start":
+        body = f"round {fields.get('round')} sites {','.join(fields.get('sites', []))}"
+    else:
+        body = " ".join(f"{k}={v}" for k, v in fields.items())[:100]
+    return f"[{t}] {kind} {body}"
 
 
 class EventLog:
@@ -75,6 +127,8 @@ class EventLog:
                 self._redis_failed = True
         for observe in self.observers:
             observe(ev)
+        if kind in NOTABLE:
+            log.log(logging.WARNING if kind == "fault" else logging.INFO, describe(ev))
         return ev
 
     def export_csv(self, path: str | Path | None = None) -> Path:

@@ -3,6 +3,7 @@
     curtail-llm up [--preset cpu-demo] [--trace FILE] [--redis-url URL] [--speedup S] ...
     python -m pilot.launch ...            (same thing)
     curtail-llm prepare [--preset P]      (only build the demo corpus and tokenizer)
+    curtail-llm redis [--port N]          (only an embedded Valkey, for a by-hand deployment)
 
 Order of bring-up (each step checked before the next starts):
   1. Redis: an embedded Valkey on loopback with a random password, or --redis-url (pinged);
@@ -80,6 +81,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         add_up_args(parser)
     prep = sub.add_parser("prepare", help="only build the preset's demo corpus and tokenizer")
     prep.add_argument("--preset", default=argparse.SUPPRESS, help="preset (default cpu-demo)")
+    red = sub.add_parser(
+        "redis",
+        help="run an embedded Valkey (loopback, generated password) until Ctrl-C; its URL goes"
+        " to $CURTAIL_HOME/redis.url",
+    )
+    red.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one)")
+    red.add_argument(
+        "--url",
+        action="store_true",
+        help="print the running one's URL, for export CURTAIL_REDIS_URL=$(curtail-llm redis --url)",
+    )
     # listed for --help only: main() hands `export ...` to pilot.export's own parser
     sub.add_parser("export", help="write a run's model and tokenizer in nanochat's layout")
     args = p.parse_args(argv)
@@ -468,24 +480,29 @@ def check_redis(url: str) -> None:
 # first use: demo corpus and tokenizer
 
 
+def prepared(data_dir: Path, tok_dir: Path) -> tuple[bool, bool]:
+    """(corpus built, tokenizer built) at these directories."""
+    from nanochat.dataset import list_shards
+    from nanochat.tokenizer import RANKS_FILE
+
+    try:
+        data_ok = len(list_shards(data_dir)) >= 2  # >= one training shard + validation
+    except ValueError:  # DatasetError: no such directory / no shards
+        data_ok = False
+    return data_ok, (tok_dir / RANKS_FILE).is_file()
+
+
 def prepare_data(launch: dict[str, Any], allowed: bool, say: Callable[[str], None]) -> None:
     """Build the offline demo corpus and tokenizer the preset points at, if they are missing.
 
     Only the demo corpus is built here (it comes from text already on this machine); a real
     corpus such as FineWeb must be downloaded first, and the error says how."""
-    from nanochat.dataset import list_shards
-    from nanochat.tokenizer import RANKS_FILE
-
     for key in ("data_dir", "tokenizer_dir"):
         if not launch.get(key):
             raise LaunchError(f"the preset's [launch] table has no {key}: add one")
     data_dir = resolve(launch["data_dir"], curtail_home())
     tok_dir = resolve(launch["tokenizer_dir"], curtail_home())
-    try:
-        data_ok = len(list_shards(data_dir)) >= 2  # >= one training shard + validation
-    except ValueError:  # DatasetError: no such directory / no shards
-        data_ok = False
-    tok_ok = (tok_dir / RANKS_FILE).is_file()
+    data_ok, tok_ok = prepared(data_dir, tok_dir)
     if data_ok and tok_ok:
         return
     demo = launch.get("corpus", "demo") == "demo"
@@ -784,11 +801,15 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 def make_report(plan: Plan, say: Callable[[str], None]) -> bool:
-    """Run the carbon report on the run directory; it prints its table and file paths."""
-    # The trace and sites go explicitly: --trace/--sites may differ from what the sites config
-    # (and so the run_start event) names.
+    """Print the report the ServerApp wrote as the run ended; build it here only where it did
+    not (the ServerApp was killed, or its report failed). Either way its table and paths."""
+    from pilot.report import is_current
+
     argv = [sys.executable, "-m", "pilot.report", str(plan.run_dir)]
-    argv += ["--trace", *plan.trace, "--sites", str(plan.sites)]
+    if is_current(plan.run_dir):
+        argv.append("--show")
+    else:  # same trace and sites as the ServerApp's report: the energy simulation's
+        argv += ["--trace", *plan.trace, "--sites", str(plan.sites)]
     res = subprocess.run(argv, env=child_env(None), cwd=REPO)
     if res.returncode != 0:
         say(f"the report failed (exit {res.returncode}); the run's files are in {plan.run_dir}")
@@ -832,6 +853,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     view: LiveView | None = None
     try:
+        if args.command == "redis":
+            from pilot.redis_server import URL_FILE, print_url, serve
+
+            url_file = curtail_home() / URL_FILE
+            return print_url(url_file) if args.url else serve(url_file, args.port)
         if args.command == "prepare":
             _, preset = load_preset(getattr(args, "preset", DEFAULTS["preset"]))
             prepare_data(preset["launch"], True, print)

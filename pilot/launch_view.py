@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console, Group
@@ -26,7 +25,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from pilot.events import EVENT_KINDS
+from pilot.events import NOTABLE, describe, hhmm, num
 
 STATE_STYLE = {
     "training": "bold green",
@@ -38,17 +37,6 @@ STATE_STYLE = {
 MODE_STYLE = {"PAUSE": "dim", "LOCAL": "yellow", "FEDERATED": "bold green"}
 CARBON_EVERY_S = 2.0  # recomputing energy/emissions is cheap, but not every 0.5 s refresh
 STATUS_EVERY_S = 30.0  # plain mode: a status line this often
-
-
-def _hhmm(t: float | None) -> str:
-    return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%m-%d %H:%M")
-
-
-def _num(x: Any, fmt: str) -> str:
-    try:
-        return format(float(x), fmt)
-    except (TypeError, ValueError):
-        return "-"
 
 
 class RunState:
@@ -64,7 +52,8 @@ class RunState:
         self.mode = "PAUSE"
         self.round: int | None = None
         self.global_step: int | None = None
-        self.loss: float | None = None
+        self.loss: float | None = None  # round-mean train loss of the last aggregate
+        self.val_bpb: float | None = None  # the global model's, from the last validation
         self.tokens = 0
         self.sim_now: float | None = None
         self.speedup: float | None = None
@@ -110,6 +99,8 @@ class RunState:
                 self._stop_training(s, "idle")
         elif kind == "deprovision" and site:
             self._stop_training(site, "off")
+        elif kind == "validation":
+            self.val_bpb = ev.get("bpb", self.val_bpb)
         elif kind == "aggregate":
             self.global_step = ev.get("global_step", self.global_step)
             self.loss = ev.get("loss", self.loss)
@@ -176,39 +167,6 @@ def _float_or_str(v: str) -> float | str:
         return float(v)
     except ValueError:
         return v
-
-
-# Events worth a line of their own (the rest only feed the state).
-NOTABLE = (set(EVENT_KINDS) - {"provision_decided", "train_interval", "round_end"}) | {
-    "energy_sim"  # published by the energy simulation, not the ServerApp
-}
-
-
-def describe(ev: dict) -> str:
-    """One short line for an event."""
-    kind, t = ev.get("kind", "?"), _hhmm(ev.get("t"))
-    fields = {k: v for k, v in ev.items() if k not in ("kind", "t", "wall")}
-    if kind == "energy_sim":  # published by the simulation itself, on the wall clock
-        return f"energy simulation {fields.get('status', '')}"
-    if kind == "run_start":
-        body = f"{fields.get('run')} policy {fields.get('policy')}" + (
-            " (resumed)" if fields.get("resumed") else ""
-        )
-    elif kind == "mode":
-        body = f"{fields.get('mode')} train={','.join(fields.get('train', [])) or '-'}"
-    elif kind == "aggregate":
-        body = (
-            f"round {fields.get('round')} step {fields.get('global_step')} "
-            f"loss {_num(fields.get('loss'), '.3f')} sites {','.join(fields.get('sites', []))}"
-        )
-    elif kind in ("join", "leave", "provision_started", "provision_complete", "deprovision"):
-        body = f"{fields.get('site')}" + (f" ({fields['reason']})" if fields.get("reason") else "")
-        body += " [warm]" if fields.get("warm") else " [resumed]" if fields.get("resumed") else ""
-    elif kind == "round_start":
-        body = f"round {fields.get('round')} sites {','.join(fields.get('sites', []))}"
-    else:
-        body = " ".join(f"{k}={v}" for k, v in fields.items())[:100]
-    return f"[{t}] {kind} {body}"
 
 
 class LiveView:
@@ -303,9 +261,10 @@ class LiveView:
         st = self.state
         sites = " ".join(self._site_status(s) for s in st.sites)
         return (
-            f"[{_hhmm(st.sim_now)}] {st.mode} round {st.round if st.round is not None else '-'}"
+            f"[{hhmm(st.sim_now)}] {st.mode} round {st.round if st.round is not None else '-'}"
             f" step {st.global_step if st.global_step is not None else '-'}"
-            f" loss {_num(st.loss, '.3f')} tokens {st.tokens:,}"
+            f" round-mean train loss {num(st.loss, '.3f')} val bpb {num(st.val_bpb, '.4f')}"
+            f" tokens {st.tokens:,}"
             f" energy {st.energy_kwh:.2f} kWh CO2 {st.emissions_kg:.3f} kg | {sites}"
         )
 
@@ -316,9 +275,7 @@ class LiveView:
         log = self.state.last_log.get(site, {})
         if shown != "training" or "step" not in log:
             return f"{site}:{shown}"
-        return (
-            f"{site}:training(step {_num(log['step'], '.0f')} loss {_num(log.get('loss'), '.3f')})"
-        )
+        return f"{site}:training(step {num(log['step'], '.0f')} loss {num(log.get('loss'), '.3f')})"
 
     def render(self) -> Group:
         st = self.state
@@ -327,14 +284,15 @@ class LiveView:
             "  ",
             (self.phase_text, "italic"),
             "  sim ",
-            (_hhmm(st.sim_now), "bold"),
-            f" ({_num(st.speedup, 'g')}x)  mode ",
+            (hhmm(st.sim_now), "bold"),
+            f" ({num(st.speedup, 'g')}x)  mode ",
             (st.mode, MODE_STYLE.get(st.mode, "")),
         )
         totals = Text(
             f"round {st.round if st.round is not None else '-'} · "
             f"global step {st.global_step if st.global_step is not None else '-'} · "
-            f"loss {_num(st.loss, '.3f')} · tokens {st.tokens:,} · "
+            f"round-mean train loss {num(st.loss, '.3f')} · "
+            f"val bpb {num(st.val_bpb, '.4f')} · tokens {st.tokens:,} · "
             f"energy {st.energy_kwh:.2f} kWh · emissions {st.emissions_kg:.3f} kg CO2 · "
             f"joins {st.joins} leaves {st.leaves}"
         )
@@ -356,11 +314,11 @@ class LiveView:
             tab.add_row(
                 s,
                 Text(shown, STATE_STYLE.get(shown, "")),
-                _num(sig.get("mci"), ".0f"),
+                num(sig.get("mci"), ".0f"),
                 "yes" if curtailed else "no" if sig else "-",
                 str(log.get("step", "-")),
-                _num(log.get("loss"), ".3f"),
-                _num(log.get("tok_s", log.get("tokens_per_s")), ".0f"),
+                num(log.get("loss"), ".3f"),
+                num(log.get("tok_s", log.get("tokens_per_s")), ".0f"),
             )
         recent = Text("\n".join(st.recent) or "(no events yet)", style="dim")
         return Group(head, totals, tab, recent)

@@ -8,14 +8,18 @@ through ``ps``).
 
     with EmbeddedValkey() as server:
         r = redis.Redis.from_url(server.url)
+
+`curtail-llm redis` (``serve``) runs one in the foreground for a by-hand deployment.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +29,7 @@ import redis
 STARTUP_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 PORT_RETRIES = 5  # a free port found by bind(0) can be taken before the server binds it
+URL_FILE = "redis.url"  # under $CURTAIL_HOME: `curtail-llm redis` writes its URL there
 
 
 def free_port() -> int:
@@ -34,7 +39,14 @@ def free_port() -> int:
 
 
 class EmbeddedValkey:
-    def __init__(self, port: int = 0, password: str | None = None, dir: str | Path | None = None):
+    def __init__(
+        self,
+        port: int = 0,
+        password: str | None = None,
+        dir: str | Path | None = None,
+        host: str = "127.0.0.1",
+    ):
+        self.host = host  # 0.0.0.0 only as a pod behind a Service (k8s/base/redis.yaml)
         self.requested_port = port
         self.password = password or secrets.token_urlsafe(24)
         self._own_dir = dir is None
@@ -57,7 +69,7 @@ class EmbeddedValkey:
             conf = self.dir / "valkey.conf"
             conf.touch(mode=0o600)
             conf.write_text(
-                f"bind 127.0.0.1\nport {self.port}\nrequirepass {self.password}\n"
+                f"bind {self.host}\nport {self.port}\nrequirepass {self.password}\n"
                 f'save ""\nappendonly no\ndir {self.dir}\nprotected-mode yes\n'
                 "daemonize no\nloglevel warning\n"
             )
@@ -124,3 +136,67 @@ class EmbeddedValkey:
         # a forgotten stop() must not leave a server running past its owner
         if getattr(self, "proc", None) is not None:
             self._terminate()
+
+
+def serve(url_file: Path, port: int = 0) -> int:
+    """An embedded Valkey in the foreground until Ctrl-C / SIGTERM. Its URL (which carries the
+    password) goes only to ``url_file`` (0600); the terminal gets the line that reads it
+    (``print_url`` inside ``$(...)``), so the password is in no scrollback, log or argv."""
+    server = EmbeddedValkey(port=port).start()
+    try:
+        url_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = url_file.with_name(f".{url_file.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(server.url + "\n")
+        os.replace(tmp, url_file)
+        print(f"Valkey on 127.0.0.1:{server.port}, password in {url_file} (0600).", flush=True)
+        print("In each terminal that needs Redis:", flush=True)
+        print('export CURTAIL_REDIS_URL="$(curtail-llm redis --url)"', flush=True)
+        print("Ctrl-C stops it (it keeps everything in memory).", flush=True)
+        while server.proc is not None and server.proc.poll() is None:
+            time.sleep(0.5)
+        print(f"valkey-server exited; log: {server.dir / 'valkey.log'}", flush=True)
+        return 1
+    finally:
+        server.stop()
+        url_file.unlink(missing_ok=True)
+
+
+def print_url(url_file: Path) -> int:
+    """The URL ``serve`` wrote, on stdout (meant for ``$(...)``); one line on stderr if none."""
+    try:
+        print(url_file.read_text().strip())
+        return 0
+    except FileNotFoundError:
+        print(
+            f"no embedded Valkey is running ({url_file} is absent): start `curtail-llm redis`",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve in the foreground until SIGTERM: ``python -m pilot.redis_server --host 0.0.0.0``."""
+    import argparse
+    import os
+    import signal
+
+    p = argparse.ArgumentParser(description="embedded Valkey with a password")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=6379)
+    p.add_argument("--password-env", default="CURTAIL_REDIS_PASSWORD", help="env var holding it")
+    args = p.parse_args(argv)
+    password = os.environ.get(args.password_env)
+    if not password:
+        p.error(f"set ${args.password_env}: the server never runs without a password")
+    server = EmbeddedValkey(port=args.port, password=password, host=args.host).start()
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    assert server.proc is not None
+    server.proc.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

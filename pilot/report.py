@@ -1,8 +1,9 @@
 """Run reports: tables, report.md/json, events.csv and the timeline figure.
 
-    python -m pilot.report RUN_DIR [--trace FILE] [--sites FILE] [--threshold X]
+    python -m pilot.report RUN_DIR [--trace FILE] [--sites FILE] [--threshold X] [--show]
 
-reads RUN_DIR/events.jsonl, the carbon ledger (RUN_DIR/ledger.json, else the newest
+The ServerApp writes the report itself as a run ends (`write_after_run`); this command rebuilds
+it (`--show`: prints the table of the one written). It reads RUN_DIR/events.jsonl, the carbon ledger (RUN_DIR/ledger.json, else the newest
 `meta.json` under RUN_DIR holding a "carbon_ledger" key, else the events replayed) and the
 trace, writes RUN_DIR/report.md, report.json, events.csv and timeline.png, and prints a table.
 
@@ -31,9 +32,19 @@ and, by kind:
     lease_extended      site, round, rank, chunks, rows   more data leased mid-round
     train_interval      site, round, start, end (sim t), tokens, steps, loss,
                         curve (per-step losses over [start, end), binned: loss_curve),
-                        energy_j (measured joules over [start, end), or null)
-    round_end           round, sites, tokens, loss
-    aggregate           round, loss (work-weighted mean), tokens, global_step, sites
+                        energy_j (measured joules over [start, end), or null),
+                        cropped_tokens (the whole reply's: document tails the loader's
+                        packing read but cut off, never trained on)
+    round_end           round, sites, tokens, loss, cropped_tokens (all replies of the round)
+    aggregate           round, loss (the round-mean train loss: work-weighted mean of the
+                        sites' per-step training losses over the round, NOT the loss of the
+                        averaged model), tokens, global_step, sites
+    validation          round, model_t (sim t of the aggregation that made the model),
+                        global_step, tokens (trained so far), bpb (the global model's bits per
+                        byte on the held-out shard: nanochat.train.val_bpb, as the torchrun
+                        baseline; null if it failed), eval_tokens (the budget), seconds (wall
+                        seconds it took), device, error (only when it failed); one per
+                        aggregate, emitted when the ServerApp's background evaluation is done
     fault               error, site (optional), round (optional)
     run_end             reason
 
@@ -47,6 +58,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -56,10 +68,14 @@ from typing import Any
 
 import numpy as np
 
+from pilot import quality
 from pilot.carbon import Interval, Ledger, windows
 from pilot.events import EVENT_KINDS
 
 MODE_COLORS = {"PAUSE": "#d9d9d9", "LOCAL": "#fdd49e", "FEDERATED": "#a1d99b"}
+REPORT_FILES = ("report.md", "report.json", "events.csv", "timeline.png")
+
+log = logging.getLogger(__name__)
 
 
 # --- events -----------------------------------------------------------------------------------
@@ -139,11 +155,15 @@ def loss_curve(step_losses: Sequence[float], points: int) -> list[float]:
 
 
 def losses(events: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    """Loss points for the figure: the aggregated loss per round, and each site's training
-    curve (bins of its interval's curve spread evenly over the interval, else one point at
-    the interval's end)."""
-    out: dict[str, list[tuple[float, float]]] = {"global": []}
+    """Loss points for the figure: the round-mean train loss per round ("global"), each
+    site's training curve (bins of its interval's curve spread evenly over the interval, else
+    one point at the interval's end) and the global model's val bpb ("val_bpb", at the time
+    of the aggregation it measured; site names are DNS labels, so no site can be called so)."""
+    out: dict[str, list[tuple[float, float]]] = {"global": [], "val_bpb": []}
     for e in events:
+        if e["kind"] == "validation" and e.get("bpb") is not None:
+            out["val_bpb"].append((float(e.get("model_t", e["t"])), float(e["bpb"])))
+            continue
         loss = e.get("loss")
         if loss is None or not np.isfinite(float(loss)):
             continue
@@ -259,39 +279,61 @@ def timeline(
     )
 
     if has_loss:
-        ax_loss = axes[3]
-        for i, s in enumerate(sites):
-            pts = loss.get(s.name, [])
-            if pts:
-                ax_loss.plot(
-                    h([p[0] for p in pts]),
-                    [p[1] for p in pts],
-                    ".-",
-                    color=colors[i % 10],
-                    ms=2,
-                    lw=0.8,
-                    alpha=0.6,
-                    label=s.name,
-                )
-        g = loss.get("global", [])
-        if g:
-            ax_loss.plot(
-                h([p[0] for p in g]),
-                [p[1] for p in g],
-                "-o",
-                color="k",
-                ms=3,
-                lw=1.2,
-                label="aggregated",
-            )
-            ax_loss.legend(loc="upper right", fontsize=8)
-        ax_loss.set_ylabel("train loss")
+        _loss_panel(axes[3], loss, sites, h, colors)
     axes[-1].set_xlim(0, h(end))
     axes[-1].set_xlabel(f"hours since {datetime.fromtimestamp(start, UTC):%Y-%m-%d %H:%M} UTC")
     path = Path(path)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _loss_panel(ax_loss, loss, sites, h, colors) -> None:
+    """Sites' training curves and the round-mean train loss (nats/token, left axis) with the
+    global model's validation bits per byte (right axis: another unit, so its own scale)."""
+    for i, s in enumerate(sites):
+        pts = loss.get(s.name, [])
+        if pts:
+            ax_loss.plot(
+                h([p[0] for p in pts]),
+                [p[1] for p in pts],
+                ".-",
+                color=colors[i % 10],
+                ms=2,
+                lw=0.8,
+                alpha=0.6,
+                label=s.name,
+            )
+    g = loss.get("global", [])
+    if g:
+        ax_loss.plot(
+            h([p[0] for p in g]),
+            [p[1] for p in g],
+            "-o",
+            color="k",
+            ms=3,
+            lw=1.2,
+            label="round-mean train loss",
+        )
+    ax_loss.set_ylabel("train loss (nats)")
+    handles, labels = ax_loss.get_legend_handles_labels()
+    v = loss.get("val_bpb", [])
+    if v:
+        ax_bpb = ax_loss.twinx()
+        ax_bpb.plot(
+            h([p[0] for p in v]),
+            [p[1] for p in v],
+            "-s",
+            color="tab:red",
+            ms=3,
+            lw=1.2,
+            label="global model val bpb",
+        )
+        ax_bpb.set_ylabel("val bits/byte", color="tab:red")
+        more = ax_bpb.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    if handles:
+        ax_loss.legend(handles, labels, loc="upper right", fontsize=8)
 
 
 # --- tables -----------------------------------------------------------------------------------
@@ -354,11 +396,13 @@ def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def print_table(head: Sequence[str], rows: Sequence[Sequence[str]], title: str = "") -> None:
+def print_table(
+    head: Sequence[str], rows: Sequence[Sequence[str]], title: str = "", caption: str = ""
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    tab = Table(title=title or None)
+    tab = Table(title=title or None, caption=caption or None)
     for i, c in enumerate(head):
         tab.add_column(c, justify="left" if i == 0 else "right")
     for r in rows:
@@ -416,7 +460,8 @@ def build(
 
         if "trace" not in info:
             raise ValueError("no trace: pass --trace FILE (the run_start event names none)")
-        paths = info["trace"] if isinstance(info["trace"], list) else [info["trace"]]
+        # the energy simulation publishes several files comma-separated (its --trace)
+        paths = info["trace"] if isinstance(info["trace"], list) else info["trace"].split(",")
         trace = load_trace([_resolve(p, run_dir) for p in paths])
     if threshold is None:
         threshold = float(info.get("threshold", sites_config.threshold))
@@ -460,7 +505,8 @@ def build(
         "mode_hours": {
             m: sum(b - a for a, b, mm in modes if mm == m) / 3600.0 for m in MODE_COLORS
         },
-        "loss": {"first": g[0][1], "last": g[-1][1]} if g else None,
+        "loss": {"first": g[0][1], "last": g[-1][1]} if g else None,  # round-mean train loss
+        **quality.summary(events),
         **summary,
     }
 
@@ -492,7 +538,10 @@ def build(
         f"- provisioned but idle (provisioning energy): {summary['total']['idle_energy_kwh']:.3f} kWh",
         "- mode hours: " + ", ".join(f"{m} {v:.2f}" for m, v in report["mode_hours"].items()),
         f"- rounds aggregated: {len(rounds)}; faults: {len(report['faults'])}",
-        f"- loss: {g[0][1]:.4f} → {g[-1][1]:.4f}" if g else "- loss: no aggregated rounds",
+        f"- round-mean train loss: {g[0][1]:.4f} → {g[-1][1]:.4f}"
+        if g
+        else "- round-mean train loss: no aggregated rounds",
+        *quality.markdown(report),
         *(
             [f"- **{cut_h:.2f} h of the run lie outside the trace and are not accounted**"]
             if cut_h > 0
@@ -507,6 +556,34 @@ def build(
     return report
 
 
+def is_current(run_dir: Path) -> bool:
+    """The whole report was written after the run's last event (report.md is written last)."""
+    md, events = run_dir / "report.md", run_dir / "events.jsonl"
+    done = all((run_dir / name).is_file() for name in REPORT_FILES) and events.is_file()
+    return done and md.stat().st_mtime >= events.stat().st_mtime
+
+
+def write_after_run(run_dir: Path) -> bool:
+    """The end of a run (its own end, a stop or a failure): write the report and log its table.
+    Never raises: the run's own outcome must not be masked by a report that failed."""
+    try:
+        rep = build(run_dir)
+    except Exception as e:  # noqa: BLE001 - a report is a by-product of the run
+        log.warning(
+            "report not written (%s: %s): rebuild it with python -m pilot.report %s",
+            type(e).__name__,
+            e,
+            run_dir,
+        )
+        return False
+    head, rows = table_rows(rep)
+    for line in markdown_table(head, rows).splitlines():
+        log.info("%s", line)
+    log.info("%s", quality.caption(rep))
+    log.info("report: %s (%s)", run_dir / "report.md", ", ".join(REPORT_FILES[1:]))
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m pilot.report", description=__doc__.split("\n\n")[0]
@@ -515,7 +592,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--trace", nargs="+", help="trace file(s); default: the run_start event's")
     ap.add_argument("--sites", help="sites TOML; default: the run_start event's")
     ap.add_argument("--threshold", type=float)
+    ap.add_argument("--show", action="store_true", help="print the report already written")
     args = ap.parse_args(argv)
+    if args.show:
+        rep = json.loads((Path(args.run_dir) / "report.json").read_text())
+        head, rows = table_rows(rep)
+        print_table(
+            head,
+            rows,
+            title=f"run {rep['run']} — ledger from {rep['ledger_source']}",
+            caption=quality.caption(rep),
+        )
+        print(f"{Path(args.run_dir) / 'report.md'}, {', '.join(REPORT_FILES[1:])}")
+        return 0
     try:
         trace = sites = None
         if args.trace:
@@ -531,8 +620,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     head, rows = table_rows(rep)
-    print_table(head, rows, title=f"run {rep['run']} — ledger from {rep['ledger_source']}")
-    print(f"wrote {Path(args.run_dir) / 'report.md'}, report.json, events.csv, timeline.png")
+    print_table(
+        head,
+        rows,
+        title=f"run {rep['run']} — ledger from {rep['ledger_source']}",
+        caption=quality.caption(rep),
+    )
+    print(f"wrote {Path(args.run_dir) / 'report.md'}, {', '.join(REPORT_FILES[1:])}")
     return 0
 
 

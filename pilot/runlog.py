@@ -8,10 +8,24 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("round", "t", "global_step", "tokens", "loss", "sites", "committed_rows")
+# loss: the round-mean train loss (work-weighted over the sites' steps); val_bpb: the global
+# model's bits per byte on the held-out shard after the round (pilot/validation.py), written
+# when that evaluation is done; cropped_tokens: tokens the loader's packing read, not trained on.
+COLUMNS = (
+    "round",
+    "t",
+    "global_step",
+    "tokens",
+    "loss",
+    "val_bpb",
+    "sites",
+    "committed_rows",
+    "cropped_tokens",
+)
 
 
 class RunLog:
@@ -31,6 +45,9 @@ class RunLog:
         self.csv = self.dir / "metrics.csv"
         self.wandb_run = None
         if mode != "disabled":
+            # wandb >= 0.31 reports its own telemetry to CoreWeave even offline: off unless
+            # the user turns it back on
+            os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
             import wandb
 
             self.wandb_run = wandb.init(

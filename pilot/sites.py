@@ -42,7 +42,11 @@ _SITE_KEYS = {
     "provision_delay_s",
     "port",
     "source",
+    "kubeconfig",
+    "context",
+    "namespace",
 }
+_K8S_KEYS = ("kubeconfig", "context", "namespace")  # provisioner "kubernetes": the site's cluster
 SOURCE_NAMES = ("trace", "watttime", "electricitymaps")  # where a site's MCI comes from
 _POLICY_DEFAULTS: dict[str, Any] = {
     "name": "forecast",
@@ -76,6 +80,10 @@ class Site:
     # signal source: trace replay, or a live feed (region = WattTime region / Electricity
     # Maps zone); credentials come from the environment only (pilot/sources)
     source: str = "trace"
+    # provisioner "kubernetes": the cluster holding this site's SitePool ("": the run's default)
+    kubeconfig: str = ""
+    context: str = ""
+    namespace: str = ""
 
 
 @dataclass
@@ -214,6 +222,9 @@ def parse_sites(
         src = s.get("source", "trace")
         if src not in SOURCE_NAMES:
             raise ConfigError(f"{w}.source: {src!r} is not one of {SOURCE_NAMES}")
+        for k in _K8S_KEYS:
+            if not isinstance(s.get(k, ""), str):
+                raise ConfigError(f"{w}.{k}: must be a string, got {s[k]!r}")
         sites.append(
             Site(
                 name=name,
@@ -224,6 +235,7 @@ def parse_sites(
                 provision_delay_s=_num(w, "provision_delay_s", s["provision_delay_s"]),
                 port=port,
                 source=src,
+                **{k: s.get(k, "") for k in _K8S_KEYS},
             )
         )
     names = [s.name for s in sites]

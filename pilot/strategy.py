@@ -49,7 +49,8 @@ from pilot.aggregate import (
     weighted_average,
 )
 from pilot.datamgr import Assignment, DataLedger, LedgerError, chunk_key
-from pilot.report import loss_curve
+from pilot.report import loss_curve, write_after_run
+from pilot.validation import RoundValidation, Validation
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class RunConfig:
     train: dict
     policy: str | None = None  # None: the sites file's [policy] name
     provisioner: str = "subprocess"
+    k8s_namespace: str = "curtail"  # provisioner "kubernetes": where the SitePools live
+    k8s_kubeconfig: str = ""  # ... and the cluster ("": in-cluster config, else $KUBECONFIG)
     superlink: str = ""  # Fleet address for provisioned SuperNodes ("": the Runtime API's)
     root_certificates: str = ""  # CA (PEM) provisioned SuperNodes verify TLS with ("": insecure)
     supernode_auth_keys: str = ""  # dir of <site>.key SuperNode auth keys ("": no node auth)
@@ -133,8 +136,12 @@ def _find_preset(preset: str) -> Path:
         return p
     p = CONFIGS / f"{preset}.toml"
     if not p.is_file():
-        names = sorted(q.stem for q in CONFIGS.glob("*.toml"))
-        raise RunConfigError(f"unknown preset {preset!r}: use one of {names} or a TOML path")
+        from pilot.launch import presets  # site sets in configs/ are not presets
+
+        raise RunConfigError(
+            f"unknown preset {preset!r}: use one of {', '.join(presets())} (--run-config"
+            " \"preset='NAME'\") or a TOML path"
+        )
     return p
 
 
@@ -144,7 +151,8 @@ def _curtail_home() -> Path:
 
 def load_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     """Flower run-config (``preset``, optional ``run-name``, ``num-iterations``, ``sites``,
-    ``superlink``, ``root-certificates``, ``supernode-auth-keys``) -> RunConfig."""
+    ``provisioner``, ``superlink``, ``root-certificates``, ``supernode-auth-keys``) ->
+    RunConfig."""
     from nanochat.train import TrainConfig
 
     preset = _find_preset(str(run_config.get("preset") or "cpu-demo"))
@@ -176,7 +184,7 @@ def load_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             raise RunConfigError(f"{preset}: [launch] {key} is missing")
     runs_dir = Path(str(launch.get("runs_dir", "runs"))).expanduser()
     runs_dir = runs_dir if runs_dir.is_absolute() else _curtail_home() / runs_dir
-    for key in ("superlink", "root-certificates", "supernode-auth-keys"):
+    for key in ("provisioner", "superlink", "root-certificates", "supernode-auth-keys"):
         if run_config.get(key):
             run[key.replace("-", "_")] = str(run_config[key])
     cfg = RunConfig(
@@ -198,6 +206,12 @@ def load_run_config(run_config: Mapping[str, Any]) -> RunConfig:
         )
     if cfg.wandb not in ("disabled", "offline", "online"):
         raise RunConfigError(f"{preset}: [run] wandb must be disabled, offline or online")
+    from pilot.provisioner import KINDS
+
+    if cfg.provisioner not in KINDS:
+        raise RunConfigError(
+            f"provisioner {cfg.provisioner!r} (run-config or [run]): use one of {', '.join(KINDS)}"
+        )
     return cfg
 
 
@@ -234,6 +248,7 @@ class Reply:
     loss: float
     consumed: dict[str, int]
     stopped_by: str = ""
+    cropped: int = 0  # tokens read but cut off by the loader's packing (not trained on)
 
     def then(self, later: Reply) -> Reply:
         """This partial reply followed by ``later``, the same site's work after it resumed
@@ -253,6 +268,7 @@ class Reply:
             loss,
             consumed,
             later.stopped_by,
+            self.cropped + later.cropped,
         )
 
 
@@ -304,6 +320,14 @@ class ElasticStrategy:
             {"preset": str(cfg.preset), **cfg.train},
         )
         self.provisioner = provisioner or self._make_provisioner()
+        # the global model's val bpb after every aggregation, in a background thread
+        self.validation = RoundValidation(
+            cfg.train,
+            _resolve_home(cfg.data_dir),
+            _resolve_home(cfg.tokenizer_dir),
+            self.events,
+            self.runlog,
+        )
         # model / optimizer / data state (checkpointed)
         self.global_state: State = {}
         self.outer = OuterOptimizer(cfg.outer, cfg.outer_lr, cfg.outer_momentum)
@@ -365,6 +389,8 @@ class ElasticStrategy:
             stop_timeout_s=self.cfg.node_stop_timeout_s,
             root_certificates=self.cfg.root_certificates,
             auth_keys_dir=self.cfg.supernode_auth_keys,
+            namespace=self.cfg.k8s_namespace,
+            kubeconfig=self.cfg.k8s_kubeconfig,
         )
 
     def _init_model(self) -> None:
@@ -476,6 +502,8 @@ class ElasticStrategy:
             outer=self.cfg.outer,
             transfer_dtype=self.cfg.transfer_dtype,
         )
+        from pilot.app_runtime import RunStopped
+
         reason = "error"
         try:
             while True:
@@ -484,7 +512,11 @@ class ElasticStrategy:
                     reason = end
                     break
                 self._tick()
+        except RunStopped:  # flwr stop / SIGTERM: end the run properly, then let it go on
+            reason = "stopped"
+            raise
         finally:
+            self.validation.close()  # the last round's bpb is recorded before run_end
             self._shutdown(reason)
         return reason
 
@@ -498,6 +530,7 @@ class ElasticStrategy:
 
     def _tick(self) -> None:
         self._refresh_clock()
+        self.validation.poll()
         self._poll_nodes()
         self._pull()
         self._serve_lease_requests()
@@ -946,6 +979,7 @@ class ElasticStrategy:
         metrics, report = content["metrics"], content["report"]
         tokens, steps = int(metrics["tokens"]), int(metrics["steps"])
         loss, energy = float(metrics["loss"]), float(metrics["energy_j"])
+        cropped = max(0, int(metrics.get("cropped_tokens", 0)))  # absent from older sites
         # Energy was spent whether or not the weights are usable: account it first. A measured
         # total is shared among the reply's intervals by duration, so it is counted once.
         spans = [(float(s), float(e)) for s, e in json.loads(str(report["intervals"]))]
@@ -968,6 +1002,7 @@ class ElasticStrategy:
                 curve=curve[lo:hi],
                 energy_j=energy * share if energy >= 0 else None,
                 stopped_by=str(report["stopped_by"]),
+                cropped_tokens=cropped,
             )
         if str(report["site"]) != site:
             raise ReplyError(f"reply from node of {site!r} claims site {report['site']!r}")
@@ -982,7 +1017,7 @@ class ElasticStrategy:
         if spans:  # TRAIN pushed -> first step: process start, imports, model, data
             lag = spans[0][0] - self.round.participants[site].sent_wall
             self.startup_s = lag if self.startup_s is None else 0.5 * (self.startup_s + lag)
-        return Reply(site, state, tokens, steps, loss, consumed, str(report["stopped_by"]))
+        return Reply(site, state, tokens, steps, loss, consumed, str(report["stopped_by"]), cropped)
 
     def _close_round(self) -> None:
         assert self.round is not None and self.ledger is not None
@@ -1007,6 +1042,7 @@ class ElasticStrategy:
             committed[rep.site] = {k: [done[k], v] for k, v in rep.consumed.items() if v > done[k]}
         sites = sorted(r.replies)
         tokens = sum(rep.tokens for rep in worked)
+        cropped = sum(rep.cropped for rep in replies)
         # committed: the row ranges [from, to) per chunk this round made permanent, so that
         # exactly-once can be audited from the events alone
         self.events.emit(
@@ -1017,6 +1053,7 @@ class ElasticStrategy:
             loss=loss,
             dropped=sorted(r.dropped),
             committed=committed,
+            cropped_tokens=cropped,
         )
         if worked:
             self.events.emit(
@@ -1032,17 +1069,19 @@ class ElasticStrategy:
             )
         self.round = None
         self._checkpoint()
-        self.runlog.log(
-            {
-                "round": r.n,
-                "t": self.clock.sim_now(),
-                "global_step": self.global_step,
-                "tokens": self.tokens,
-                "loss": loss,
-                "sites": len(sites),
-                "committed_rows": self.ledger.committed_rows,
-            }
-        )
+        now = self.clock.sim_now()
+        row = {
+            "round": r.n,
+            "t": now,
+            "global_step": self.global_step,
+            "tokens": self.tokens,
+            "loss": loss,  # round-mean train loss (work-weighted), not the global model's
+            "sites": len(sites),
+            "committed_rows": self.ledger.committed_rows,
+            "cropped_tokens": cropped,
+        }
+        job = Validation(r.n, now, self.global_step, self.tokens, row)
+        self.validation.after_round(job, self.global_state if worked else None)
 
     # -- shutdown -----------------------------------------------------------------------------
     def _shutdown(self, reason: str) -> None:
@@ -1065,6 +1104,7 @@ class ElasticStrategy:
         _atomic_write(self.cfg.run_dir / "ledger.json", json.dumps(self.carbon.to_dict()))
         self.events.export_csv()
         self.runlog.close()
+        write_after_run(self.cfg.run_dir)  # logs a failure, never raises: the run's error wins
 
 
 def _resolve_home(path: str) -> Path:

@@ -22,7 +22,7 @@ from nanochat.common import device_setup, device_teardown, print0, resolve
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import DatasetError
 from nanochat.tokenizer import Tokenizer, TokenizerError
-from nanochat.train import TrainConfig, build_model, evaluate_bpb, run
+from nanochat.train import TrainConfig, build_model, run, val_bpb
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
 def train(args, device, autocast_ctx, rank: int, world: int) -> int:
     data_dir, run_dir = resolve(args.data_dir), resolve(args.run_dir or f"runs/{args.run}")
     tok = Tokenizer.load(resolve(args.tokenizer_dir))
-    token_bytes = tok.token_bytes()
     cfg = TrainConfig(
         **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "vocab_size"},
         vocab_size=tok.vocab_size,
@@ -122,10 +121,10 @@ def train(args, device, autocast_ctx, rank: int, world: int) -> int:
         )  # fmt: skip
 
     loader = make_loader(cursor=cursor, loop=args.loop)
-    eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.sequence_len * world))
 
     def validate(step: int) -> float:
-        bpb = evaluate_bpb(model, make_loader(split="val"), token_bytes, eval_steps, autocast_ctx)
+        # the same measurement as the ServerApp's per-round validation (pilot/validation.py)
+        bpb = val_bpb(model, tok, data_dir, cfg, rank=rank, world=world, autocast_ctx=autocast_ctx)
         print0(f"step {step:5d} | val bpb {bpb:.4f}")
         return bpb
 

@@ -186,3 +186,23 @@ def test_demo_leaves_no_process_no_port_and_no_secret_behind(demo_run):
         if path.suffix in (".log", ".jsonl", ".csv", ".md", ".json", ".toml", ".txt"):
             assert not secret.search(path.read_text(errors="replace")), path
     assert not secret.search(res.stdout + res.stderr)
+
+
+def test_demo_validates_the_global_model_after_every_aggregation(demo_run):
+    res, run_dir, _ = demo_run
+    events = _events(run_dir)
+    rounds = [e["round"] for e in events if e["kind"] == "aggregate"]
+    vals = [e for e in events if e["kind"] == "validation"]
+    assert rounds and [e["round"] for e in vals] == rounds
+    assert all(e["bpb"] is not None and 0 < e["bpb"] < 10 for e in vals), vals
+    # the held-out measurement, budget from [train] eval_tokens; the model gets better
+    assert {e["eval_tokens"] for e in vals} == {16384}
+    assert vals[-1]["bpb"] < vals[0]["bpb"], [e["bpb"] for e in vals]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["val_bpb"]["final"] == vals[-1]["bpb"]
+    assert [r["round"] for r in report["val_bpb"]["per_round"]] == rounds
+    assert report["data"]["trained_tokens"] > 0 and report["data"]["cropped_tokens"] >= 0
+    # metrics rows carry it too, and the closing table shows the final value
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_bpb"] for r in rows if "val_bpb" in r] == [e["bpb"] for e in vals]
+    assert f"global model val bpb {vals[-1]['bpb']:.4f}" in res.stdout

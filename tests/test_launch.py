@@ -476,7 +476,7 @@ def test_live_view_follows_sites_through_provisioning_training_and_leaving(redis
     assert (st.leaves, st.global_step, st.tokens, st.loss) == (1, 9, 4096, 7.4)
     printed = out.export_text()
     assert "provision_started texas" in printed and "leave texas (no window)" in printed
-    assert "aggregate round 1 step 9 loss 7.400" in printed
+    assert "aggregate round 1 step 9 round-mean train loss 7.400" in printed
 
 
 def test_live_table_renders_every_site_and_the_totals(redis_url):

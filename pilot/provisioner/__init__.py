@@ -12,8 +12,9 @@ The interface is deliberately small so a cloud or Kubernetes backend fits behind
   delay), ``running``, ``stopping``, ``stopped``, ``failed:<detail>`` or ``external``.
 - ``close()``: stop everything this provisioner started.
 
-Kinds: ``subprocess`` (local ``flower-supernode`` processes, pilot/provisioner/subprocess.py)
-and ``none`` (SuperNodes started by hand, pilot/provisioner/none.py).
+Kinds: ``subprocess`` (local ``flower-supernode`` processes, pilot/provisioner/subprocess.py),
+``none`` (SuperNodes started by hand, pilot/provisioner/none.py) and ``kubernetes`` (one
+SitePool per site, scaled through its ``/scale`` subresource, pilot/provisioner/kubernetes.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-KINDS = ("subprocess", "none")
+KINDS = ("subprocess", "none", "kubernetes")
 
 
 class Provisioner(ABC):
@@ -50,4 +51,8 @@ def make_provisioner(kind: str, **kwargs: Any) -> Provisioner:
         from pilot.provisioner.none import NoneProvisioner
 
         return NoneProvisioner(**kwargs)
+    if kind == "kubernetes":
+        from pilot.provisioner.kubernetes import KubernetesProvisioner
+
+        return KubernetesProvisioner(**kwargs)
     raise ValueError(f"provisioner {kind!r} is not supported; use one of {', '.join(KINDS)}")
