@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nanochat.common import curtail_home  # noqa: E402
+from nanochat.dataloader import PACKINGS  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 from nanochat.train import TrainConfig  # noqa: E402
 from pilot import parity, schedule  # noqa: E402
@@ -53,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="central steps = the token budget")
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--packing", choices=PACKINGS, default=TrainConfig.packing)
     p.add_argument("--batch", type=int, default=4, help="device batch size (rows)")
     p.add_argument("--total-batch", type=int, default=512, help="tokens per step")
     p.add_argument("--eval-tokens", type=int, default=16384)
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(
         depth=args.depth, vocab_size=tok.vocab_size, sequence_len=args.seq_len,
         device_batch_size=args.batch, total_batch_size=args.total_batch,
-        eval_tokens=args.eval_tokens, seed=args.seed, compile="off",
+        eval_tokens=args.eval_tokens, seed=args.seed, compile="off", packing=args.packing,
     )  # fmt: skip
     outer_lr = (
         args.outer_lr if args.outer_lr is not None else (0.7 if args.outer == "nesterov" else 1.0)
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"d{args.depth} T={args.seq_len} {args.total_batch} tokens/step x {args.steps} steps = "
         f"{args.steps * args.total_batch:,} tokens | outer {args.outer} (lr {outer_lr:g}) | "
-        f"round {args.round_s:g} s | data {args.data} | seed {args.seed}"
+        f"round {args.round_s:g} s | data {args.data} | packing {args.packing} | seed {args.seed}"
     )
     results = [parity.central(setup, args.steps)]
     results += [parity.federated(setup, r, name) for name, r in rounds.items()]

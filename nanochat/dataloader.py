@@ -4,12 +4,17 @@ Documents are read in order, chunk (row group) by chunk, tokenised a row group a
 tiktoken's batch encoder, and packed into rows of T+1 tokens:
 
 - every row starts with a document's <|bos|>, so no row starts mid-document;
-- documents are appended while they fit; the first one that does not fit is cropped to fill
-  the row exactly (its tail is dropped and counted in stats["cropped_tokens"]);
-- documents are consumed strictly in order, so what has been read is always a prefix of each
-  chunk. That makes both the cursor (next document) and consumed() (rows read per chunk, what
-  the data ledger commits) exact, and a resumed loader yields the same batches as one that
-  never stopped.
+- packing "greedy": documents are appended in order while they fit; the first one that does
+  not fit is cropped to fill the row exactly (its tail is dropped and counted in
+  stats["cropped_tokens"]);
+- packing "bestfit": the loader holds the next BESTFIT_DOCS documents and fills each row with
+  the longest held document that fits the room left, cropping the shortest one only when none
+  fits, so far fewer tokens are cut off. The held documents (read, not yet trained on) are in
+  stats["held_tokens"]; they are lost if the loader stops without its cursor being resumed;
+- documents are read strictly in order, so what has been read is always a prefix of each
+  chunk. That makes both the cursor (next document, plus the held ones) and consumed() (rows
+  read per chunk, what the data ledger commits) exact, and a resumed loader yields the same
+  batches as one that never stopped.
 
 Rank r of a world of size W reads chunks[r::W] of its chunk list, then any chunks its refill
 callback hands it (more data leased mid-round).
@@ -24,6 +29,10 @@ import torch
 
 from nanochat.dataset import Chunk, DatasetError, chunk_table, read_row_group, val_chunks
 from nanochat.tokenizer import Tokenizer
+
+PACKINGS = ("greedy", "bestfit")
+# Documents best-fit chooses among: more fill rows better but are held (read, untrained) longer.
+BESTFIT_DOCS = 32
 
 
 def chunk_key(shard: int, row_group: int) -> str:
@@ -46,15 +55,19 @@ class DataLoader:
         loop: bool = False,
         device: str | torch.device = "cpu",
         refill: Callable[[], tuple[Sequence[Sequence[int]], dict[str, int]]] | None = None,
+        packing: str = "greedy",
     ):
         """chunks: (shard, row_group, rows) triples to read (default: all training chunks, or
         the validation shard for split="val"); start_rows: rows already consumed per chunk key
         "shard:row_group" (from the data ledger); cursor: a cursor() of this rank, or a list of
         them indexed by rank, to resume exactly; loop: restart at the first chunk when the data
         ends (epochs) instead of stopping; refill: called when this rank's chunks are read,
-        returns more (chunks, start_rows) for this rank to read next, or no chunks to stop."""
+        returns more (chunks, start_rows) for this rank to read next, or no chunks to stop;
+        packing: "greedy" or "bestfit" (see the module docstring)."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+        if packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {PACKINGS}, not {packing!r}")
         self.tokenizer, self.data_dir, self.B, self.T = tokenizer, Path(data_dir), B, T
         self.loop, self.device, self.refill = loop, torch.device(device), refill
         if chunks is None:
@@ -65,9 +78,12 @@ class DataLoader:
                 f"rank {rank} of {world} has no chunks to read in {data_dir} ({len(chunks)} chunks)"
             )
         self.start_rows = dict(start_rows or {})
-        self.stats = {"docs": 0, "tokens": 0, "cropped_tokens": 0, "batches": 0}
-        self._docs: list[list[int]] = []  # tokenised documents of the current chunk
-        self._docs_chunk: tuple[int, int] | None = None
+        self.packing = packing
+        self.stats = {"docs": 0, "tokens": 0, "cropped_tokens": 0, "held_tokens": 0, "batches": 0}
+        self._docs: list[list[int]] = []  # tokenised documents of the cached chunk
+        self._docs_chunk: tuple[int, int] | None = None  # (epoch, pos) of the cached chunk
+        self._held: list[tuple[dict, list[int]]] = []  # bestfit: (where it was read, tokens)
+        self._read_all = False
         self.epoch, self.pos = 0, 0
         self.row = self._start_row(0)
         if cursor is not None:
@@ -86,11 +102,20 @@ class DataLoader:
                 f"cursor {cursor} points at a chunk this loader does not read (rank/world or data dir changed?)"
             ) from None
         self.epoch, self.row = cursor["epoch"], cursor["row"]
+        for ref in cursor.get("held", []):
+            if (ref["shard"], ref["row_group"]) not in keys:
+                raise DatasetError(
+                    f"cursor holds a document of a chunk this loader does not read: {ref}"
+                )
+            pos = keys.index((ref["shard"], ref["row_group"]))
+            self._held.append((ref, self._chunk_docs(ref["epoch"], pos)[ref["row"]]))
+        self.stats["held_tokens"] = sum(len(doc) for _, doc in self._held)
 
     def cursor(self) -> dict:
         """Where the next document comes from; JSON-serialisable."""
         c = self.chunks[self.pos]
-        return {"epoch": self.epoch, "shard": c.shard, "row_group": c.row_group, "row": self.row}
+        here = {"epoch": self.epoch, "shard": c.shard, "row_group": c.row_group, "row": self.row}
+        return {**here, "held": [ref for ref, _ in self._held]} if self._held else here
 
     def consumed(self) -> dict[str, int]:
         """Rows read so far per chunk key "shard:row_group" (== chunk rows when complete),
@@ -117,19 +142,23 @@ class DataLoader:
             else:
                 raise StopIteration
             self.row = self._start_row(self.pos) if self.epoch == 0 else 0
-        if self._docs_chunk != (self.epoch, self.pos):
-            c = self.chunks[self.pos]
+        doc = self._chunk_docs(self.epoch, self.pos)[self.row]
+        self.row += 1
+        self.stats["docs"] += 1
+        return doc
+
+    def _chunk_docs(self, epoch: int, pos: int) -> list[list[int]]:
+        """The tokenised documents of chunk ``pos`` (the last one read is cached)."""
+        if self._docs_chunk != (epoch, pos):
+            c = self.chunks[pos]
             texts = read_row_group(self.data_dir, c.shard, c.row_group)
             if len(texts) != c.rows:
                 raise DatasetError(
                     f"chunk {chunk_key(c.shard, c.row_group)} has {len(texts)} rows, expected {c.rows}"
                 )
             self._docs = self.tokenizer.encode(texts, prepend=self.tokenizer.bos_token_id)
-            self._docs_chunk = (self.epoch, self.pos)
-        doc = self._docs[self.row]
-        self.row += 1
-        self.stats["docs"] += 1
-        return doc
+            self._docs_chunk = (epoch, pos)
+        return self._docs
 
     def _refilled(self) -> bool:
         """Append the chunks refill() hands out (first epoch only); True if there were any."""
@@ -140,6 +169,30 @@ class DataLoader:
         self.chunks.extend(Chunk(*c) for c in chunks)
         return bool(chunks)
 
+    def _greedy(self, room: int) -> list[int]:
+        return self._next_doc()
+
+    def _bestfit(self, room: int) -> list[int]:
+        """The longest held document that fits ``room`` (the first of equals, so it is
+        deterministic), else the shortest one, to be cropped; tops up the held ones first."""
+        while len(self._held) < BESTFIT_DOCS and not self._read_all:
+            try:
+                doc = self._next_doc()
+            except StopIteration:
+                self._read_all = True  # ask refill() once, as greedy packing does
+                break
+            c = self.chunks[self.pos]
+            ref = {"epoch": self.epoch, "shard": c.shard, "row_group": c.row_group}
+            self._held.append(({**ref, "row": self.row - 1}, doc))
+        if not self._held:
+            raise StopIteration
+        sizes = [len(doc) for _, doc in self._held]
+        fits = [i for i, n in enumerate(sizes) if n <= room]
+        i = max(fits, key=sizes.__getitem__) if fits else sizes.index(min(sizes))
+        _, doc = self._held.pop(i)
+        self.stats["held_tokens"] = sum(sizes) - sizes[i]
+        return doc
+
     def __iter__(self) -> DataLoader:
         return self
 
@@ -147,10 +200,11 @@ class DataLoader:
         """(inputs, targets), each int64 (B, T); targets are inputs shifted by one token."""
         width = self.T + 1
         rows = torch.empty((self.B, width), dtype=torch.int64)
+        pick = self._greedy if self.packing == "greedy" else self._bestfit
         for b in range(self.B):
             filled = 0
             while filled < width:
-                doc = self._next_doc()
+                doc = pick(width - filled)
                 take = min(len(doc), width - filled)
                 rows[b, filled : filled + take] = torch.tensor(doc[:take], dtype=torch.int64)
                 self.stats["cropped_tokens"] += len(doc) - take

@@ -25,6 +25,9 @@ class TrainConfig:
     depth: int = 4
     vocab_size: int = 8192
     sequence_len: int = 256
+    # training rows: "greedy" (documents in order, the first that does not fit cropped) or
+    # "bestfit" (the longest of the next few documents that fits; nanochat.dataloader)
+    packing: str = "greedy"
     # batch: total_batch_size tokens per optimizer step, reached by gradient accumulation
     device_batch_size: int = 8
     total_batch_size: int = 4096

@@ -91,7 +91,10 @@ def train(msg: Message, context: Context) -> Message:
             "loss": res.loss if math.isfinite(res.loss) else -1.0,
             "energy_j": res.energy_j if res.energy_j is not None else -1.0,
             # the tail of documents that did not fit a BOS-aligned row: read, never trained on
-            "cropped_tokens": int(res.stats.get("cropped_tokens", 0)),
+            # read, not trained on: cut off by the packing, or still held by best-fit at the end
+            "cropped_tokens": int(
+                res.stats.get("cropped_tokens", 0) + res.stats.get("held_tokens", 0)
+            ),
         }
     )
     report = ConfigRecord(

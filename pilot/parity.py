@@ -71,7 +71,7 @@ def _loader(setup: Setup, chunks=None) -> DataLoader:
     # loop: a long run may read the corpus more than once; every way reads it alike
     return DataLoader(
         setup.tokenizer, setup.data_dir, c.device_batch_size, c.sequence_len,
-        chunks=chunks, loop=True,
+        chunks=chunks, loop=True, packing=c.packing,
     )  # fmt: skip
 
 

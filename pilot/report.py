@@ -584,6 +584,16 @@ def write_after_run(run_dir: Path) -> bool:
     return True
 
 
+def _print_report(rep: dict) -> None:
+    head, rows = table_rows(rep)
+    print_table(
+        head,
+        rows,
+        title=f"run {rep['run']} — ledger from {rep['ledger_source']}",
+        caption=quality.caption(rep),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m pilot.report", description=__doc__.split("\n\n")[0]
@@ -596,13 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.show:
         rep = json.loads((Path(args.run_dir) / "report.json").read_text())
-        head, rows = table_rows(rep)
-        print_table(
-            head,
-            rows,
-            title=f"run {rep['run']} — ledger from {rep['ledger_source']}",
-            caption=quality.caption(rep),
-        )
+        _print_report(rep)
         print(f"{Path(args.run_dir) / 'report.md'}, {', '.join(REPORT_FILES[1:])}")
         return 0
     try:
@@ -619,13 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    head, rows = table_rows(rep)
-    print_table(
-        head,
-        rows,
-        title=f"run {rep['run']} — ledger from {rep['ledger_source']}",
-        caption=quality.caption(rep),
-    )
+    _print_report(rep)
     print(f"wrote {Path(args.run_dir) / 'report.md'}, {', '.join(REPORT_FILES[1:])}")
     return 0
 

@@ -233,6 +233,7 @@ def _worker(
         world=world,
         device=device,
         refill=_refiller(sig, job, rank, world),
+        packing=cfg.packing,
     )
 
     def on_step(step: int, loss: float, tok_s: float, lrm: float) -> None:

@@ -117,7 +117,7 @@ def train(args, device, autocast_ctx, rank: int, world: int) -> int:
     def make_loader(**kw) -> DataLoader:
         return DataLoader(
             tok, data_dir, cfg.device_batch_size, cfg.sequence_len, rank=rank, world=world,
-            device=device, **kw,
+            device=device, packing=cfg.packing, **kw,
         )  # fmt: skip
 
     loader = make_loader(cursor=cursor, loop=args.loop)

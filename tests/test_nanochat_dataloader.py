@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from nanochat.dataloader import DataLoader, chunk_key
+from nanochat.dataloader import PACKINGS, DataLoader, chunk_key
 from nanochat.dataset import DatasetError, chunk_table, read_row_group
 from nanochat.tokenizer import Tokenizer
 
@@ -15,34 +15,63 @@ def tok(tokenizer_dir):
     return Tokenizer.load(tokenizer_dir)
 
 
-def test_packing_invariants(tok, demo_data):
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_packing_invariants(tok, demo_data, packing):
     B, T = 4, 128
-    loader = DataLoader(tok, demo_data, B, T)
+    loader = DataLoader(tok, demo_data, B, T, packing=packing)
     for _ in range(5):
         x, y = next(loader)
         assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
         assert (x[:, 0] == tok.bos_token_id).all()  # every row starts a document
         assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
         assert ((x >= 0) & (x < tok.vocab_size)).all()  # full rows, no padding
-    # every token of every consumed document is either placed or counted as cropped
+    # every token of every consumed document is placed, counted as cropped, or still held
     docs = []
     for c in chunk_table(demo_data):
         rows = loader.consumed()[chunk_key(c.shard, c.row_group)]
         docs += read_row_group(demo_data, c.shard, c.row_group)[:rows]
     doc_tokens = sum(len(d) for d in tok.encode(docs, prepend=tok.bos_token_id))
     placed = 5 * B * (T + 1)
-    assert doc_tokens == placed + loader.stats["cropped_tokens"]
+    assert doc_tokens == placed + loader.stats["cropped_tokens"] + loader.stats["held_tokens"]
     assert loader.stats["cropped_tokens"] > 0 and loader.stats["docs"] == len(docs)
+    assert (loader.stats["held_tokens"] > 0) == (packing == "bestfit")
 
 
-def test_resume_yields_identical_batches(tok, demo_data):
-    ref = DataLoader(tok, demo_data, 2, 64)
+def test_bestfit_crops_fewer_tokens_than_greedy_for_the_same_batches(tok, demo_data):
+    cropped = {}
+    for packing in PACKINGS:
+        loader = DataLoader(tok, demo_data, 4, 256, packing=packing)
+        for _ in range(10):
+            next(loader)
+        cropped[packing] = loader.stats["cropped_tokens"]
+    assert cropped["bestfit"] < 0.75 * cropped["greedy"], cropped
+
+
+def test_bestfit_trains_its_held_documents_at_the_end_of_the_data_then_stops(tok, demo_data):
+    c = chunk_table(demo_data)[0]
+    calls = []
+
+    def refill():
+        calls.append(1)
+        return [], {}
+
+    loader = DataLoader(tok, demo_data, 1, 64, chunks=[c], packing="bestfit", refill=refill)
+    batches = list(loader)
+    assert batches and loader.consumed() == {chunk_key(c.shard, c.row_group): c.rows}
+    assert len(calls) == 1  # the end of the lease is asked for once
+    # what is left held at the end did not fill a row: less than one row of tokens
+    assert loader.stats["held_tokens"] < 65
+
+
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_resume_yields_identical_batches(tok, demo_data, packing):
+    ref = DataLoader(tok, demo_data, 2, 64, packing=packing)
     expected = [next(ref) for _ in range(12)]
-    first = DataLoader(tok, demo_data, 2, 64)
+    first = DataLoader(tok, demo_data, 2, 64, packing=packing)
     for i in range(5):
         assert torch.equal(next(first)[0], expected[i][0])
     cursor = json.loads(json.dumps(first.cursor()))  # survives serialisation
-    resumed = DataLoader(tok, demo_data, 2, 64, cursor=cursor)
+    resumed = DataLoader(tok, demo_data, 2, 64, cursor=cursor, packing=packing)
     for i in range(5, 12):
         x, y = next(resumed)
         assert torch.equal(x, expected[i][0]) and torch.equal(y, expected[i][1])
