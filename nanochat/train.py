@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import is_ddp
-from nanochat.dataloader import DataLoader
+from nanochat.dataloader import PACKINGS, DataLoader
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
@@ -49,6 +49,10 @@ class TrainConfig:
     # elsewhere: on CPU inductor's C++ build costs ~40 s per process here and a Flower site
     # starts a fresh process every round), "off", or a backend name ("inductor", "aot_eager").
     compile: str = "auto"
+
+    def __post_init__(self):
+        if self.packing not in PACKINGS:  # at run start, not in a site's first batch
+            raise ValueError(f"packing must be one of {PACKINGS}, not {self.packing!r}")
 
     def grad_accum_steps(self, world: int = 1) -> int:
         per_step = self.device_batch_size * self.sequence_len * world

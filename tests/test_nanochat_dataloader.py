@@ -154,3 +154,12 @@ def test_val_split_and_errors(tok, demo_data):
         )
     with pytest.raises(DatasetError, match="no chunks"):
         DataLoader(tok, demo_data, 1, 32, chunks=[chunk_table(demo_data)[0]], rank=1, world=2)
+
+
+def test_an_unknown_packing_is_refused_in_the_config_and_the_loader(tok, demo_data):
+    from nanochat.train import TrainConfig
+
+    with pytest.raises(ValueError, match="packing must be one of"):
+        TrainConfig(packing="tight")
+    with pytest.raises(ValueError, match="packing must be one of"):
+        DataLoader(tok, demo_data, 1, 32, packing="tight")
