@@ -26,7 +26,7 @@ from pilot import energy
 from pilot.launch import curtail_home, trace_path
 from pilot.signals import Signals, connect, redact
 from pilot.sites import FORECASTER_NAMES, SitesConfig, load_sites
-from pilot.sources import live_regions, open_sources
+from pilot.sources import open_sources
 from pilot.sources.record import SignalRecord
 from pilot.traces import Trace, load_trace, parse_time
 
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def replay_trace(a: argparse.Namespace, sites: SitesConfig) -> tuple[Trace | None, str]:
     """The trace replayed by the sites that have no live source (None if none), and its
     file name(s) for ``meta.trace``."""
-    regions = sorted({s.region for s in sites.sites if s.source == "trace"})
+    regions = sites.trace_regions
     if not regions:
         return None, ""
     trace_arg = a.trace.split(",") if a.trace else sites.trace
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     record, sources = None, {}
     try:
         sites = load_sites(a.sites)
-        live = bool(live_regions(sites))
+        live = sites.live
         trace, trace_source = replay_trace(a, sites)
         cfg = sim_config(a, sites, trace, trace_source, live)
         sig = Signals(connect(a.redis_url), a.run)

@@ -29,11 +29,10 @@ import pandas as pd
 import vessim as vs
 
 from pilot.clock import Clock
-from pilot.policy import forecast_error, make_forecaster
 from pilot.signals import Signals
 from pilot.sites import Site, SitesConfig
 from pilot.sources.base import Reading, Source
-from pilot.sources.record import SignalRecord
+from pilot.sources.record import SignalRecord, forecaster
 from pilot.sources.trace import TraceSource
 from pilot.traces import Trace, iso
 
@@ -236,8 +235,7 @@ class Publisher(vs.Controller):
 def trace_source(sites: SitesConfig, trace: Trace, cfg: SimConfig) -> TraceSource:
     """Replay of ``trace`` over the run's span, forecast by the configured forecaster."""
     trace.require(cfg.start, cfg.end)
-    fc = make_forecaster(cfg.forecaster, trace, forecast_error(sites))
-    return TraceSource(trace, fc, cfg.horizon_s)
+    return TraceSource(trace, forecaster(sites, cfg.forecaster, trace), cfg.horizon_s)
 
 
 def build(

@@ -7,7 +7,9 @@
 
 Order of bring-up (each step checked before the next starts):
   1. Redis: an embedded Valkey on loopback with a random password, or --redis-url (pinged);
-  2. the energy simulation on the trace, publishing per-site signals into Redis;
+  2. the energy simulation on the trace (or, for sites with a live source, on their
+     provider at speed-up 1, recorded in <run-dir>/signals), publishing per-site signals
+     into Redis;
   3. a Flower SuperLink on loopback with a private FLWR_HOME holding `local-deployment`;
   4. `flwr run . local-deployment --stream` with the preset's run-config; the ServerApp's
      provisioner starts/stops SuperNodes itself as curtailment windows open and close;
@@ -195,7 +197,7 @@ class Plan:
     preset: str
     preset_path: Path
     launch: dict[str, Any]  # the preset's [launch] table
-    trace: list[str]  # absolute paths (WattTime files may be written REGION=path)
+    trace: list[str]  # absolute paths (WattTime files may be written REGION=path); [] all live
     sites: Path
     speedup: float
     start: str | None
@@ -260,12 +262,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     preset_path, preset = load_preset(opts["preset"])
     launch = preset.get("launch", {})
 
-    if not opts["trace"] and not launch.get("trace"):
-        raise LaunchError(f"preset {preset_path} has no [launch] trace: pass --trace FILE")
-    if opts["trace"]:
-        trace = [trace_path(t, Path.cwd()) for t in opts["trace"]]
-    else:
-        trace = [trace_path(launch["trace"], REPO)]
+    from pilot.sites import load_sites
+
     if not opts["sites"] and not launch.get("sites"):
         raise LaunchError(f"preset {preset_path} has no [launch] sites: pass --sites FILE")
     sites = resolve(opts["sites"], Path.cwd()) if opts["sites"] else resolve(launch["sites"], REPO)
@@ -273,7 +271,18 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise LaunchError(
             f"sites file not found: {sites} — pass an existing sites TOML with --sites"
         )
-    trace_obj, sites_cfg = check_trace_covers_sites(trace, sites)
+    sites_cfg = load_sites(sites)  # ConfigError (a ValueError) names the field
+    # a trace only for the sites that replay one; live sites read their provider
+    trace: list[str] = []
+    trace_obj = None
+    if sites_cfg.trace_regions:
+        if not opts["trace"] and not launch.get("trace"):
+            raise LaunchError(f"preset {preset_path} has no [launch] trace: pass --trace FILE")
+        if opts["trace"]:
+            trace = [trace_path(t, Path.cwd()) for t in opts["trace"]]
+        else:
+            trace = [trace_path(launch["trace"], REPO)]
+        trace_obj = check_trace_covers_sites(trace, sites_cfg)
 
     speedup = float(opts["speedup"] or launch.get("speedup", 1.0))
     if speedup <= 0:
@@ -285,14 +294,20 @@ def make_plan(args: argparse.Namespace) -> Plan:
     hours = opts["hours"] if opts["hours"] is not None else own.get("hours")
     if hours is not None and float(hours) <= 0:
         raise LaunchError(f"--hours must be > 0 (got {hours})")
-    if start is not None or hours is not None:
+    if sites_cfg.live and (speedup != 1 or start is not None):
+        raise LaunchError(
+            f"{sites} names live signal sources: they run in real time from now, so drop"
+            " --speedup/--start (or the preset's speedup/start)"
+        )
+    if trace_obj is not None and (start is not None or hours is not None):
         check_span(trace_obj, start, None if hours is None else float(hours))
 
     run_name = opts["run_name"] or f"{preset_path.stem}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run_name):
         raise LaunchError(f"--run-name {run_name!r}: use letters, digits, '.', '_' or '-'")
     run_dir = resolve(launch.get("runs_dir", "runs"), curtail_home()) / run_name
-    start, hours = continue_replay(run_dir, trace_obj, start, hours)
+    if trace_obj is not None and not sites_cfg.live:
+        start, hours = continue_replay(run_dir, trace_obj, start, hours)
 
     port = opts["port"] if opts["port"] is not None else int(launch.get("superlink_port", 0))
     port = claim_port(port, "--port")
@@ -387,20 +402,18 @@ def trace_path(arg: str, base: Path) -> str:
     return f"{region}={p}" if sep else str(p)
 
 
-def check_trace_covers_sites(trace: list[str], sites: Path) -> tuple[Any, Any]:
-    """Fail before anything starts if the trace is unreadable or lacks a site's region."""
-    from pilot.sites import load_sites
+def check_trace_covers_sites(trace: list[str], sites: Any) -> Any:
+    """Fail before anything starts if the trace is unreadable or lacks a replayed region."""
     from pilot.traces import load_trace
 
-    cfg = load_sites(sites)  # ConfigError (a ValueError) names the field
     tr = load_trace(trace)  # TraceError (a ValueError) names the file and the problem
-    missing = sorted({s.region for s in cfg.sites} - set(tr.regions))
+    missing = sorted(set(sites.trace_regions) - set(tr.regions))
     if missing:
         raise LaunchError(
-            f"trace {', '.join(trace)} has no column for region(s) {', '.join(missing)} used in {sites}:"
-            f" pass a trace with them (has: {', '.join(tr.regions)})"
+            f"trace {', '.join(trace)} has no column for region(s) {', '.join(missing)} used in"
+            f" {sites.path}: pass a trace with them (has: {', '.join(tr.regions)})"
         )
-    return tr, cfg
+    return tr
 
 
 def continue_replay(
@@ -714,10 +727,15 @@ def run_stack(plan: Plan, view: LiveView) -> Outcome:
         # 4. energy simulation. Started last on purpose: the ServerApp waits for its clock, so
         # no simulated time passes unseen while Flower and the ServerApp are still starting.
         argv = [sys.executable, str(REPO / "energy_simulation.py"), "--run", plan.run_name]
-        argv += ["--trace", ",".join(plan.trace), "--sites", str(plan.sites)]
-        argv += ["--speedup", str(plan.speedup)]
+        argv += ["--sites", str(plan.sites), "--speedup", str(plan.speedup)]
+        if plan.trace:
+            argv += ["--trace", ",".join(plan.trace)]
+        if plan.sites_config.live:  # what the run saw, for replay (credentials: env only)
+            argv += ["--record-signals", str(plan.run_dir / "signals")]
         if "tick_s" in plan.launch:  # simulated seconds per signal tick
             argv += ["--step", str(int(plan.launch["tick_s"]))]
+        if "poll_s" in plan.launch:  # live sources: wall seconds between provider polls
+            argv += ["--poll", str(plan.launch["poll_s"])]
         if plan.start:
             argv += ["--start", plan.start]
         if plan.hours:
@@ -808,8 +826,9 @@ def make_report(plan: Plan, say: Callable[[str], None]) -> bool:
     argv = [sys.executable, "-m", "pilot.report", str(plan.run_dir)]
     if is_current(plan.run_dir):
         argv.append("--show")
-    else:  # same trace and sites as the ServerApp's report: the energy simulation's
-        argv += ["--trace", *plan.trace, "--sites", str(plan.sites)]
+    else:  # same inputs as the ServerApp's report (a live run's: its run_start's record)
+        argv += ["--trace", *plan.trace] if plan.trace else []
+        argv += ["--sites", str(plan.sites)]
     res = subprocess.run(argv, env=child_env(None), cwd=REPO)
     if res.returncode != 0:
         say(f"the report failed (exit {res.returncode}); the run's files are in {plan.run_dir}")
@@ -867,8 +886,13 @@ def main(argv: list[str] | None = None) -> int:
             plan.run_name, live=plan.live, trace=plan.trace_data, sites_config=plan.sites_config
         )
         say = view.say
+        signals = (
+            f"trace {', '.join(Path(t).name for t in plan.trace)}"
+            if plan.trace
+            else f"live signals ({', '.join(sorted({s.source for s in plan.sites_config.sites}))})"
+        )
         say(
-            f"run {plan.run_name}: preset {plan.preset}, trace {', '.join(Path(t).name for t in plan.trace)},"
+            f"run {plan.run_name}: preset {plan.preset}, {signals},"
             f" speed-up {plan.speedup:g}x, files in {plan.run_dir}"
         )
         prepare_data(plan.launch, plan.prepare, say)

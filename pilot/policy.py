@@ -34,6 +34,7 @@ and bench/policy_scale.py). tests/test_policy.py checks that they agree decision
 
 from __future__ import annotations
 
+import bisect
 import math
 import zlib
 from dataclasses import dataclass, field, replace
@@ -45,6 +46,7 @@ from pilot.sites import SitesConfig
 from pilot.traces import Trace
 
 DAY_S = 86400.0
+Series = list[tuple[float, float]]  # [(epoch s, gCO2/kWh)], increasing in time
 
 
 class Mode(StrEnum):
@@ -145,6 +147,36 @@ class ForecastError:
     seed: int = 0
 
 
+def compose(now: float, mci: float, series: Series, horizon_s: float) -> Series:
+    """The forecast to act on at ``now`` from a provider's series: the measured present, then
+    the provider's points up to ``now + horizon_s`` (the end interpolated); persistence where
+    none lie ahead."""
+    end = now + horizon_s
+    pts = [(now, mci), *((t, v) for t, v in series if now < t < end)]
+    later = [(t, v) for t, v in series if t >= end]
+    if later:
+        (t0, v0), (t1, v1) = pts[-1], later[0]
+        pts.append((end, v0 + (v1 - v0) * (end - t0) / (t1 - t0)))
+    elif len(pts) == 1:
+        pts.append((end, mci))
+    return pts
+
+
+@dataclass
+class RecordedForecasts:
+    """The provider forecasts a live run recorded (pilot.sources.record, forecasts.csv), per
+    region in issue order: ``issued[region]`` ascending, ``series[region][i]`` the forecast
+    issued at ``issued[region][i]``."""
+
+    issued: dict[str, list[float]]
+    series: dict[str, list[Series]]
+
+    def latest(self, region: str, now: float) -> Series | None:
+        """The newest forecast issued at or before ``now``; None before the first one."""
+        i = bisect.bisect_right(self.issued.get(region, []), now) - 1
+        return None if i < 0 else self.series[region][i]
+
+
 @dataclass
 class Forecaster:
     """``forecast(region, now, horizon_s) -> [(t, mci)]`` starting at ``now``; [] if unknown.
@@ -152,24 +184,38 @@ class Forecaster:
     kind "perfect": the trace itself (replay; the oracle's knowledge, no live deployment has
     it); "noisy": the trace seen through ``error`` (a live forecast's quality); "same_time_
     yesterday": the trace 24 h earlier; "persistence": the current value held flat
-    (``current`` if given, else the trace at now)."""
+    (``current`` if given, else the trace at now); "recorded": a live run's provider
+    forecasts replayed issue time by issue time: at ``now`` the newest one issued at or
+    before it, composed from the present as the live source did (``compose``), and
+    persistence where the run had none yet (before the first issue, or for a region the
+    provider gave no forecast for). The live run received each forecast up to one poll
+    after its issue time, so the replay may act on it that much earlier."""
 
     kind: str
     trace: Trace | None = None
     error: ForecastError | None = None
+    recorded: RecordedForecasts | None = None
 
     @property
     def shift_s(self) -> float:
         return DAY_S if self.kind == "same_time_yesterday" else 0.0
 
+    @property
+    def per_tick(self) -> bool:
+        """A new forecast at (almost) every tick: no crossing tables shared between ticks."""
+        return self.kind in ("noisy", "recorded")
+
     def forecast(
         self, region: str, now: float, horizon_s: float, current: float | None = None
     ) -> list[tuple[float, float]]:
-        if self.kind == "persistence":
+        if self.kind in ("persistence", "recorded"):
             if current is None:
                 if self.trace is None or not self.trace.start <= now <= self.trace.end:
                     return []
                 current = self.trace.at(region, now)
+            series = self.recorded.latest(region, now) if self.recorded is not None else None
+            if series is not None:
+                return compose(now, float(current), series, horizon_s)
             return [(now, float(current)), (now + horizon_s, float(current))]
         assert self.trace is not None
         times = self.trace.times + self.shift_s
@@ -215,9 +261,18 @@ def noisy(trace: Trace, error: ForecastError | None = None) -> Forecaster:
     return Forecaster("noisy", trace, error or ForecastError())
 
 
+def recorded(forecasts: RecordedForecasts, trace: Trace | None = None) -> Forecaster:
+    return Forecaster("recorded", trace, recorded=forecasts)
+
+
 def make_forecaster(
-    name: str, trace: Trace | None, error: ForecastError | None = None
+    name: str,
+    trace: Trace | None,
+    error: ForecastError | None = None,
+    forecasts: RecordedForecasts | None = None,
 ) -> Forecaster:
+    """A forecaster by name; "recorded" replays ``forecasts`` (pilot.sources.record.
+    read_forecasts)."""
     if name == "perfect":
         return perfect(trace)
     if name == "persistence":
@@ -226,8 +281,15 @@ def make_forecaster(
         return same_time_yesterday(trace)
     if name == "noisy":
         return noisy(trace, error)
+    if name == "recorded":
+        if forecasts is None:
+            raise ValueError(
+                'forecaster "recorded" needs a live run\'s forecasts.csv (--forecasts)'
+            )
+        return recorded(forecasts, trace)
     raise ValueError(
-        f"unknown forecaster {name!r}; use persistence, noisy, same_time_yesterday or perfect"
+        f"unknown forecaster {name!r}; use persistence, noisy, same_time_yesterday, recorded"
+        " or perfect"
     )
 
 
@@ -563,7 +625,7 @@ def forecast_arrays(
     Crossings live on the forecast's segments; "next crossing at or after segment j" tables are
     reverse running minima, so every (site, tick) query is a gather, not a Python loop."""
     S, K = len(regions), len(ticks)
-    if fc.kind == "noisy":  # a new forecast at every tick: no shared crossing tables
+    if fc.per_tick:
         return _outlook_arrays(fc, regions, ticks, horizon_s, threshold, release_s, mci)
     if fc.kind == "persistence":
         cur = trace.series_all(ticks, regions) if mci is None else mci

@@ -1,8 +1,12 @@
 """What-if simulator: replay a curtailment policy over a trace, no Flower, no GPU.
 
     python -m pilot.simulate --trace FILE --sites FILE [--policy prototype|forecast|oracle]
-        [--forecaster NAME] [--threshold X] [--start T] [--hours H] [--tick S]
-        [--json OUT] [--plot OUT.png] [--events OUT.jsonl] [--compare]
+        [--forecaster NAME] [--forecasts FILE] [--threshold X] [--start T] [--hours H]
+        [--tick S] [--json OUT] [--plot OUT.png] [--events OUT.jsonl] [--compare]
+
+A live run replays from its record (pilot.sources.record): ``--trace DIR/trace.csv
+--forecaster recorded --forecasts DIR/forecasts.csv`` decides on what the run saw, its
+provider's forecasts included.
 
 The replay runs the policy's array path (pilot.policy.simulate_batch: the decisions of
 Policy.step, numpy over sites x ticks) and turns the decision arrays into the events a live run
@@ -30,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from pilot.carbon import Ledger, union, windows
+from pilot.sites import FORECASTER_NAMES
 
 POLICIES = ("prototype", "forecast", "oracle")
 # --compare: (row label, policy, forecaster); the oracle first, every ratio is against it
@@ -40,7 +45,6 @@ COMPARE_RUNS = (
     ("ours: noisy", "forecast", "noisy"),
     ("ours: perfect", "forecast", "perfect"),
 )
-FORECASTERS = ("persistence", "noisy", "same_time_yesterday", "perfect")
 # At one instant: close before open, so a release and a re-provision keep their order.
 _ORDER = {
     "run_start": 0,
@@ -76,9 +80,13 @@ def run(
     threshold: float | None = None,
     tick_s: float = 60.0,
     forecaster: str | None = None,
+    forecasts: str | Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Replay `policy_name` over [start, end) and return the events a live run would emit."""
+    """Replay `policy_name` over [start, end) and return the events a live run would emit.
+    `forecasts`: the recorded forecasts.csv of forecaster "recorded" (default: the sites
+    config's)."""
     from pilot import policy as pol
+    from pilot.sources.record import forecaster as make_forecaster
 
     cfg = with_threshold(sites_config, threshold)
     sites = list(cfg.sites)
@@ -98,7 +106,7 @@ def run(
     mci = np.stack([np.asarray(trace.series(r, ticks), dtype=np.float64) for r in regions])
     fca = None
     if pcfg.use_forecast:
-        fc = pol.make_forecaster(forecaster, trace, pol.forecast_error(cfg))
+        fc = make_forecaster(cfg, forecaster, trace, forecasts)
         fca = pol.forecast_arrays(
             fc,
             trace,
@@ -234,6 +242,7 @@ def simulate(
     threshold: float | None = None,
     tick_s: float = 60.0,
     forecaster: str | None = None,
+    forecasts: str | Path | None = None,
     grid_s: float = 60.0,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(the --json document, the simulated events) for one policy."""
@@ -245,7 +254,14 @@ def simulate(
     forecaster = forecaster or cfg.forecaster
     t0 = time.perf_counter()
     events = run(
-        trace, cfg, policy_name, start=start, end=end, tick_s=tick_s, forecaster=forecaster
+        trace,
+        cfg,
+        policy_name,
+        start=start,
+        end=end,
+        tick_s=tick_s,
+        forecaster=forecaster,
+        forecasts=forecasts,
     )
     doc = summarize(events, trace, cfg, start=start, end=end, grid_s=grid_s)
     elapsed = time.perf_counter() - t0
@@ -372,8 +388,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--forecaster",
         default=None,
-        choices=FORECASTERS,
+        choices=FORECASTER_NAMES,
         help="forecast fed to the forecast policy; default: the sites config's",
+    )
+    ap.add_argument(
+        "--forecasts",
+        help="forecaster \"recorded\": a live run's forecasts.csv; default: the sites config's",
     )
     ap.add_argument(
         "--threshold", type=float, help="MCI threshold (gCO2/kWh); default: the sites config's"
@@ -418,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 threshold=args.threshold,
                 tick_s=args.tick,
                 forecaster=fc,
+                forecasts=args.forecasts,
             )
             for label, name, fc in runs
         }

@@ -4,7 +4,9 @@ and the curtailment policy knobs. See configs/sites.toml for a commented example
     trace = "traces/synthetic-3site.csv"   # optional, relative to the TOML file
     [policy]
     name = "forecast"            # forecast | prototype | oracle
-    forecaster = "persistence"   # persistence | noisy | same_time_yesterday | perfect (oracle)
+    forecaster = "persistence"   # persistence | noisy | same_time_yesterday | recorded |
+                                 # perfect (oracle)
+    forecasts = "runs/x/signals/forecasts.csv"  # recorded: a live run's provider forecasts
     threshold = 100.0            # gCO2/kWh: MCI below it = curtailment window
     enter_dwell_s = 0            # MCI must stay below this long before a window opens
     release_delay_s = 600        # prototype: train through this long above the threshold
@@ -32,7 +34,7 @@ from typing import Any
 
 SITE_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")  # DNS label: k8s + Redis keys
 POLICY_NAMES = ("forecast", "prototype", "oracle")
-FORECASTER_NAMES = ("persistence", "noisy", "same_time_yesterday", "perfect")
+FORECASTER_NAMES = ("persistence", "noisy", "same_time_yesterday", "recorded", "perfect")
 _SITE_KEYS = {
     "name",
     "region",
@@ -51,6 +53,7 @@ SOURCE_NAMES = ("trace", "watttime", "electricitymaps")  # where a site's MCI co
 _POLICY_DEFAULTS: dict[str, Any] = {
     "name": "forecast",
     "forecaster": "persistence",
+    "forecasts": None,
     "threshold": 100.0,
     "enter_dwell_s": 0.0,
     "release_delay_s": 600.0,
@@ -102,6 +105,7 @@ class SitesConfig:
     forecast_level_error: float = 0.15
     forecast_seed: int = 0
     trace: Path | None = None  # absolute, resolved against the TOML's directory
+    forecasts: Path | None = None  # forecaster "recorded": a live run's forecasts.csv (absolute)
     path: Path | None = field(default=None, compare=False)
 
     def site(self, name: str) -> Site:
@@ -117,6 +121,16 @@ class SitesConfig:
     @property
     def regions(self) -> dict[str, str]:
         return {s.name: s.region for s in self.sites}
+
+    @property
+    def trace_regions(self) -> list[str]:
+        """Regions replayed from a trace (the others' sites read live sources)."""
+        return sorted({s.region for s in self.sites if s.source == "trace"})
+
+    @property
+    def live(self) -> bool:
+        """Some site reads a live signal source."""
+        return any(s.source != "trace" for s in self.sites)
 
 
 def _num(where: str, field_: str, v: Any, *, minimum: float = 0.0, strict: bool = False) -> float:
@@ -248,13 +262,8 @@ def parse_sites(
             f"{source}: policy.horizon_s: {knobs['horizon_s']:g} s is shorter than the slowest "
             f"provisioning delay ({slowest:g} s); the forecast could never pre-provision in time"
         )
-    trace = data.get("trace")
-    if trace is not None:
-        if not isinstance(trace, str):
-            raise ConfigError(f"{source}: trace: must be a path string, got {trace!r}")
-        trace = (
-            Path(trace) if Path(trace).is_absolute() or base is None else (base / trace).resolve()
-        )
+    trace = _path(source, "trace", data.get("trace"), base)
+    forecasts = _path(source, "policy.forecasts", p["forecasts"], base)
     return SitesConfig(
         sites=sites,
         threshold=threshold,
@@ -263,8 +272,18 @@ def parse_sites(
         hold=hold,
         forecast_seed=seed,
         trace=trace,
+        forecasts=forecasts,
         **knobs,
     )
+
+
+def _path(source: str, key: str, v: Any, base: Path | None) -> Path | None:
+    """A path setting, resolved against the TOML file's directory."""
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise ConfigError(f"{source}: {key}: must be a path string, got {v!r}")
+    return Path(v) if Path(v).is_absolute() or base is None else (base / v).resolve()
 
 
 def load_sites(path: str | Path) -> SitesConfig:

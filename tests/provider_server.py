@@ -98,6 +98,11 @@ class ProviderServer:
         with self._lock:
             self.faults.append(Fault(path, **kw))
 
+    def set_from(self, region: str, t: float, value: float) -> None:
+        """From ``t`` on, the region's points (current and forecast alike) are ``value``."""
+        with self._lock:
+            self.data[region] = [(pt, value if pt >= t else v) for pt, v in self.data[region]]
+
     def revoke_tokens(self) -> None:
         with self._lock:
             self.valid.clear()

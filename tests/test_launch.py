@@ -512,3 +512,15 @@ def test_reused_run_name_continues_the_replay_where_the_run_stopped(tmp_path):
 
     with pytest.raises(LaunchError, match="pick a new --run-name"):
         continue_replay(run_dir, trace, None, 3.0)
+
+
+def test_live_preset_needs_no_trace_and_runs_in_real_time(tmp_path, monkeypatch):
+    from pilot.launch import LaunchError, make_plan, parse_args
+
+    monkeypatch.setenv("CURTAIL_HOME", str(tmp_path))
+    plan = make_plan(parse_args(["up", "--preset", "live-cpu", "--hours", "2"]))
+    assert plan.trace == [] and plan.trace_data is None and plan.speedup == 1.0
+    assert plan.sites_config.live and plan.hours == 2.0
+    for flags in (["--speedup", "60"], ["--start", "2024-06-01T00:00:00Z"]):
+        with pytest.raises(LaunchError, match="live signal sources: they run in real time"):
+            make_plan(parse_args(["up", "--preset", "live-cpu", *flags]))

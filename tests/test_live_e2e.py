@@ -27,6 +27,7 @@ from pilot.policy import Mode, make_policy
 from pilot.signals import Signals, connect
 from pilot.sites import load_sites
 from pilot.sources import open_sources
+from pilot.sources.base import Reading, Source
 from pilot.sources.emaps import ElectricityMaps
 from pilot.sources.record import SignalRecord
 from pilot.traces import load_trace, parse_time
@@ -300,3 +301,81 @@ def test_cli_with_a_wrong_password_says_so_in_one_line_and_exits_2(sig, redis_ur
         "WATTTIME_PASSWORD"
     ]
     assert server.password not in proc.stdout + proc.stderr and sig.meta() == {}
+
+
+class Tap(Source):
+    """A started source, unchanged, keeping every reading it gave (what each tick published)."""
+
+    def __init__(self, src: Source):
+        self.src, self.kind = src, src.kind
+        self.readings: dict[tuple[str, float], Reading | None] = {}
+
+    def reading(self, region: str, now: float) -> Reading | None:
+        self.readings[region, now] = r = self.src.reading(region, now)
+        return r
+
+    def stale_reason(self, region: str) -> str:
+        return self.src.stale_reason(region)
+
+
+def test_a_recorded_live_run_replays_with_its_provider_forecasts_to_the_same_decisions(
+    sig, tmp_path, monkeypatch
+):
+    """The forecast policy on live feeds whose forecasts see each window coming (so it
+    pre-provisions): stepped on what each tick published, it decides exactly as pilot.simulate
+    replaying the record with the recorded forecaster, and unlike a persistence replay."""
+    monkeypatch.setattr(ElectricityMaps, "rate", (10_000, 1.0))
+    path = sites_file(tmp_path, ("alpha", CA, "watttime"), ("beta", DE, "electricitymaps"))
+    path.write_text(path.read_text().replace('"prototype"', '"forecast"'))
+    sites = load_sites(path)
+    start, n = T0 - 3600.0, 80
+    data = {CA: window(40, 150, 50.0, 300.0, start, n), DE: window(70, 130, 60.0, 400.0, start, n)}
+    clock = Clock(T0, time.time(), SPEEDUP)
+    rec = SignalRecord(tmp_path / "rec", [CA, DE], T0)
+    cfg = energy.SimConfig(sig.run, T0, HOURS, STEP, SPEEDUP, trace_source=str(rec.trace_path))
+    # forecasts 2 h ahead: any issue of the last hour covers the policy's horizon
+    with ProviderServer(data, clock.sim_now, forecast_points=24) as server:
+        started = open_sources(
+            sites, None, horizon_s=3600.0, now=clock.sim_now, poll_s=0.05, max_age_s=4 * 3600.0,
+            record=rec, env=provider_env(server),
+            http={"timeout_s": 5.0, "retries": 3, "backoff_s": 0.05},
+        )  # fmt: skip
+        taps = {src: Tap(src) for src in set(started.values())}
+        try:
+            energy.run(
+                sig, sites, None, cfg, verbose=False, signal_record=rec, clock=clock,
+                sources={site: taps[src] for site, src in started.items()},
+            )  # fmt: skip
+        finally:
+            for src in taps:
+                src.close()
+            rec.close()
+    readings = {k: r for tap in taps.values() for k, r in tap.readings.items()}
+
+    # the live decisions: the policy on each tick's published value and forecast
+    pol, since, live = make_policy("forecast", sites), {}, []
+    ticks = [T0 + STEP * k for k in range(int(HOURS * 3600 / STEP))]
+    for t in ticks:
+        seen = {s.name: readings[s.region, t] for s in sites.sites}
+        mci = {s: round(r.mci, 3) for s, r in seen.items()}
+        fc = {s: [(round(a, 3), round(b, 3)) for a, b in r.forecast] for s, r in seen.items()}
+        ready = {s for s, t0 in since.items() if t - t0 >= sites.site(s).provision_delay_s}
+        d = pol.step(t, mci, fc, ready)
+        since = {s: since.get(s, t) for s in d.provision}
+        live.append((t, str(d.mode), sorted(d.train), sorted(d.provision)))
+
+    def replay(forecaster: str) -> list[tuple]:
+        events = simulate.run(
+            load_trace(rec.trace_path), sites, "forecast", tick_s=STEP, forecaster=forecaster,
+            forecasts=tmp_path / "rec" / "forecasts.csv",
+        )  # fmt: skip
+        return [
+            (e["t"], e["mode"], e["train"], e["provision"]) for e in events if e["kind"] == "mode"
+        ]
+
+    # the simulator's mode events: one wherever the number of training sites changes
+    changes = [x for i, x in enumerate(live) if i == 0 or len(x[2]) != len(live[i - 1][2])]
+    assert [m for _, m, _, _ in changes] == ["PAUSE", "LOCAL", "FEDERATED", "LOCAL", "PAUSE"]
+    assert replay("recorded") == changes
+    assert any(p and m == "PAUSE" for _, m, _, p in live)  # pre-provisioned from a forecast
+    assert replay("persistence") != changes

@@ -435,3 +435,56 @@ def test_noisy_forecast_is_seeded_exact_now_and_errs_more_further_ahead():
         errs.append(np.log(np.array([p[1] for p in pts]) / truth))
     spread = np.std(np.array([e[[1, -1]] for e in errs]), axis=0)
     assert spread[0] < spread[1] and spread[1] == pytest.approx(0.15, rel=0.3)
+
+
+def recorded_forecasts() -> P.RecordedForecasts:
+    """Two issues for X: at 1000 s (a drop ahead) and at 2000 s (the drop later)."""
+    return P.RecordedForecasts(
+        {"X": [1000.0, 2000.0]},
+        {"X": [[(1000.0, 300.0), (1600.0, 50.0)], [(2000.0, 300.0), (3200.0, 50.0)]]},
+    )
+
+
+def test_recorded_forecasts_replay_the_newest_issue_at_or_before_now():
+    rec = recorded_forecasts()
+    assert rec.latest("X", 999.0) is None and rec.latest("Y", 5000.0) is None
+    assert rec.latest("X", 1000.0) == rec.series["X"][0]
+    assert rec.latest("X", 1999.0) == rec.series["X"][0]
+    assert rec.latest("X", 2000.0) == rec.latest("X", 9e9) == rec.series["X"][1]
+
+    fc = P.make_forecaster("recorded", None, forecasts=rec)
+    # before the first issue (and for a region without forecasts): persistence
+    assert fc.forecast("X", 500.0, 600.0, 280.0) == [(500.0, 280.0), (1100.0, 280.0)]
+    assert fc.forecast("Y", 1500.0, 600.0, 90.0) == [(1500.0, 90.0), (2100.0, 90.0)]
+    # then the issue composed from the measured present, as the live source published it
+    assert fc.forecast("X", 1200.0, 3600.0, 280.0) == [(1200.0, 280.0), (1600.0, 50.0)]
+    assert fc.forecast("X", 2400.0, 3600.0, 290.0) == P.compose(
+        2400.0, 290.0, rec.series["X"][1], 3600.0
+    )
+    assert fc.forecast("X", 2400.0, 3600.0) == []  # no present value and no trace: unknown
+    with pytest.raises(ValueError, match="needs a live run's forecasts.csv"):
+        P.make_forecaster("recorded", None)
+
+
+def test_recorded_forecasts_drive_pre_provisioning_in_the_batch_policy_as_in_step():
+    """A recorded issue that saw the real drop (3240 s) coming: pre-provisioned from it, the
+    site trains from the window's first tick, in both implementations; with persistence only
+    a provisioning delay later."""
+    times = np.arange(0.0, 6001.0, 60.0)
+    trace = Trace(times, ["X"], np.array([np.where(times < 3200.0, 300.0, 50.0)]))
+    sc = sites_config(["X"], min_window_s=0.0)
+    cfg = P.policy_config(sc, "forecast")
+    mci = trace.series_all(times, ["X"])
+    issue = [(1000.0, 300.0), (3180.0, 300.0), (3240.0, 50.0), (9000.0, 50.0)]
+    rec = P.RecordedForecasts({"X": [1000.0]}, {"X": [issue]})
+    first_train = {}
+    for name, fc in (("recorded", P.recorded(rec, trace)), ("persistence", P.persistence(trace))):
+        prov, train, _ = run_steps(P.make_policy("forecast", sc), trace, sc, times, fc)
+        fca = P.forecast_arrays(fc, trace, ["X"], times, cfg.horizon_s, THR, 600.0, mci)
+        res = P.simulate_batch(
+            cfg, np.array([DELAY]), times, mci, fca, idle_kw=np.array([0.468]),
+            train_kw=np.array([2.024]),
+        )  # fmt: skip
+        assert (res.provision == prov).all() and (res.train == train).all()
+        first_train[name] = times[np.argmax(train[0])]
+    assert first_train == {"recorded": 3240.0, "persistence": 3240.0 + DELAY}

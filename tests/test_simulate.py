@@ -324,3 +324,16 @@ def test_cli_compare_prints_one_row_per_policy(tmp_path, capsys):
 def test_cli_rejects_a_span_past_the_trace_end(tmp_path, capsys):
     assert simulate.main(_write_inputs(tmp_path) + ["--hours", "30"]) == 2
     assert "too short" in capsys.readouterr().err
+
+
+def test_cli_recorded_forecaster_needs_a_readable_forecasts_file(tmp_path, capsys):
+    args = _write_inputs(tmp_path) + ["--policy", "forecast", "--forecaster", "recorded"]
+    assert simulate.main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        'error: forecaster "recorded" needs a live run\'s forecasts.csv: pass --forecasts FILE'
+        " or set [policy] forecasts in the sites file"
+    ]
+    assert simulate.main(args + ["--forecasts", str(tmp_path / "nope.csv")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "nope.csv: cannot read it" in line

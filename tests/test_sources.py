@@ -13,12 +13,13 @@ import threading
 import pytest
 from provider_server import ProviderServer
 
+from pilot.policy import compose
 from pilot.sites import ConfigError, parse_sites
 from pilot.sources.base import AuthError, Cancelled, SourceError
 from pilot.sources.credentials import require, secret
 from pilot.sources.emaps import ElectricityMaps
 from pilot.sources.http import RateLimit, retry_after_s
-from pilot.sources.live import LiveSource, compose
+from pilot.sources.live import LiveSource
 from pilot.sources.record import SignalRecord
 from pilot.sources.watttime import TOKEN_RENEW_S, WattTime
 from pilot.traces import load_trace, parse_time
@@ -420,3 +421,54 @@ def test_no_credential_reaches_logs_errors_or_records(server, timer, tmp_path, c
     text += "".join(p.read_text() for p in tmp_path.iterdir())
     for s in server.credentials():
         assert s not in text
+
+
+def test_sites_config_names_the_recorded_forecasts_relative_to_its_file(tmp_path):
+    site = {"name": "a", "region": CA, "gpus": 0, "train_kw": 1.0, "idle_kw": 0.1}
+    site["provision_delay_s"] = 0
+    policy = {"forecaster": "recorded", "forecasts": "rec/forecasts.csv"}
+    cfg = parse_sites({"policy": policy, "sites": [site]}, base=tmp_path)
+    assert cfg.forecaster == "recorded" and cfg.forecasts == tmp_path / "rec" / "forecasts.csv"
+    with pytest.raises(ConfigError, match="policy.forecasts: must be a path string"):
+        parse_sites({"policy": {"forecasts": 3}, "sites": [site]})
+
+
+def test_recorded_forecasts_read_back_issue_by_issue(tmp_path):
+    from pilot.sources.record import read_forecasts
+
+    rec = SignalRecord(tmp_path, [CA], start=T0)
+    rec.forecast("watttime", CA, T0, [(T0, 300.0), (T0 + 300, 50.0)])
+    rec.forecast("watttime", CA, T0 + 300, [(T0 + 300, 60.0), (T0 + 600, 70.5)])
+    rec.forecast("watttime", CA, T0 + 300, [(T0 + 300, 61.0)])  # re-recorded on resume: replaces
+    rec.close()
+    fc = read_forecasts(tmp_path / "forecasts.csv")
+    assert fc.issued == {CA: [T0, T0 + 300]}
+    assert fc.series[CA] == [[(T0, 300.0), (T0 + 300, 50.0)], [(T0 + 300, 61.0)]]
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        (None, "cannot read it"),
+        ("", "expected the header"),
+        ("issued_at,region,point_time,mci\n", "expected the header"),
+        ("{h}\n2024-06-01T00:00:00+00:00,watttime,CA\n", "line 2: 3 columns, expected 5"),
+        ("{h}\n2024-06-01T00:00:00,watttime,CA,2024-06-01T00:00:00Z,1\n", "no UTC offset"),
+        ("{h}\n2024-06-01T00:00:00Z,watttime,CA,2024-06-01T00:00:00Z,x\n", "line 2: could not"),
+        (
+            "{h}\n2024-06-01T00:00:00Z,w,CA,2024-06-01T00:05:00Z,1\n"
+            "2024-06-01T00:00:00Z,w,CA,2024-06-01T00:10:00Z,2\n"
+            "2024-06-01T00:00:00Z,w,CA,2024-06-01T00:07:00Z,3\n",
+            "line 4: point_time 2024-06-01T00:07:00Z not after",
+        ),
+    ],
+)
+def test_a_missing_or_malformed_forecasts_file_is_one_clear_error(tmp_path, body, message):
+    from pilot.sources.record import FORECAST_COLUMNS, read_forecasts
+
+    path = tmp_path / "forecasts.csv"
+    if body is not None:
+        path.write_text(body.format(h=",".join(FORECAST_COLUMNS)))
+    with pytest.raises(SourceError, match=message) as err:
+        read_forecasts(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

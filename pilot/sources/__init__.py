@@ -12,18 +12,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pilot.sites import SOURCE_NAMES, SitesConfig
+from pilot.sites import SitesConfig
 from pilot.sources.base import Provider, Source, SourceError, Timer, WallTimer
 from pilot.sources.emaps import ElectricityMaps
 from pilot.sources.live import LiveSource
 from pilot.sources.record import SignalRecord
 from pilot.sources.watttime import WattTime
-
-LIVE_KINDS = tuple(k for k in SOURCE_NAMES if k != "trace")
-
-
-def live_regions(sites: SitesConfig) -> list[str]:
-    return sorted({s.region for s in sites.sites if s.source in LIVE_KINDS})
 
 
 def _provider(

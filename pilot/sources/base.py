@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Protocol
 
-Series = list[tuple[float, float]]  # [(epoch s, gCO2/kWh)], strictly increasing in time
+from pilot.policy import Series
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from pilot.policy import compose
 from pilot.sources.base import (
     AuthError,
     Cancelled,
@@ -30,20 +31,6 @@ from pilot.sources.record import SignalRecord
 from pilot.traces import iso
 
 log = logging.getLogger("pilot.sources")
-
-
-def compose(now: float, mci: float, series: Series, horizon_s: float) -> Series:
-    """The forecast to publish at ``now``: the measured present, then the provider's points
-    up to ``now + horizon_s`` (the end interpolated); persistence where none lie ahead."""
-    end = now + horizon_s
-    pts = [(now, mci), *((t, v) for t, v in series if now < t < end)]
-    later = [(t, v) for t, v in series if t >= end]
-    if later:
-        (t0, v0), (t1, v1) = pts[-1], later[0]
-        pts.append((end, v0 + (v1 - v0) * (end - t0) / (t1 - t0)))
-    elif len(pts) == 1:
-        pts.append((end, mci))
-    return pts
 
 
 class LiveSource(Source):
