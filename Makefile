@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PRESET ?= cpu-demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-k8s-e2e lint bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -22,6 +22,11 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -ra
+
+# Kubernetes end to end (two API servers, the process kubelet, real SuperNodes; needs root
+# and ../shared/k8s): ~6 min, so not part of `make test`
+test-k8s-e2e: setup
+	$(BIN)/pytest -q -ra -m k8s_e2e tests/k8s/test_e2e.py
 
 lint: setup
 	$(BIN)/ruff check .
