@@ -98,7 +98,9 @@ def test_demo_timeline_shows_every_phase_a_join_and_a_leave(demo_run):
         rows = list(csv.DictReader(f))
     assert [r["kind"] for r in rows] == kinds
     # and the live view printed the phases as they happened
-    assert "mode FEDERATED" in res.stdout and "join california" in res.stdout
+    # (which site joins mid-round, not at a round's start, depends on the machine's speed)
+    joined = {e["site"] for e in events if e["kind"] == "join"}
+    assert "mode FEDERATED" in res.stdout and all(f"join {s}" in res.stdout for s in joined)
 
 
 def test_demo_site_pauses_above_the_threshold_stays_warm_and_resumes_in_the_same_round(demo_run):
