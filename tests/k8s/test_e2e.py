@@ -189,7 +189,9 @@ def _sites_toml(root: Path, sides: dict[str, Side]) -> Path:
     return out
 
 
-def _scale_texas_mid_federated_round(side: Side, run_dir: Path, launch, url: str) -> dict:
+def _scale_texas_mid_federated_round(
+    side: Side, run_dir: Path, launch: subprocess.Popen, url: str
+) -> dict:
     """Once California has joined Texas's round and Texas trains, ``kubectl scale`` it to 0."""
     import redis
 
@@ -212,7 +214,9 @@ def _scale_texas_mid_federated_round(side: Side, run_dir: Path, launch, url: str
     return found
 
 
-def _watch_supernodes(sides: dict[str, Side], launch, seen: dict[str, list[str]]) -> None:
+def _watch_supernodes(
+    sides: dict[str, Side], launch: subprocess.Popen, seen: dict[str, list[str]]
+) -> None:
     """The command line of each pod's container process while the run lasts: site -> argv."""
     while launch.poll() is None:
         for side in sides.values():
