@@ -452,6 +452,7 @@ class ProcessKubelet:
         self.forward_ports, self.period_s = tuple(forward_ports), period_s
         self.base_env = dict(env if env is not None else {"PATH": os.environ["PATH"]})
         self.pods: dict[str, Pod] = {}
+        self.gone: list[Pod] = []  # pods deleted from the API, kept for what they left behind
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -564,5 +565,6 @@ class ProcessKubelet:
                 threading.Thread(target=pod.run, daemon=True).start()
         for uid in set(self.pods) - seen:  # gone from the API (force-deleted): kill at once
             pod = self.pods.pop(uid)
+            self.gone.append(pod)
             pod.terminating = True
             pod.kill()
