@@ -112,6 +112,7 @@ def test_a_pod_runs_as_a_process_and_dies_by_prestop_sigterm_then_sigkill(
     cluster.kube.delete(url)  # the grace period from the pod spec
     wait_for(lambda: cluster.kube.get_or_none(url) is None, 60, "the pod gone")
     assert (out / "prestop").exists() and (out / "sigterm").exists()
-    (record,) = [p for p in kubelet.pods.values() if p.ns == ns]
+    # the kubelet may already have noticed the pod is gone from the API
+    (record,) = [p for p in [*kubelet.pods.values(), *kubelet.gone] if p.ns == ns]
     code = record.containers[0].last_exit["exitCode"]
     assert code == (137 if stubborn else 3)
