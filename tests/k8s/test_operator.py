@@ -114,15 +114,25 @@ def test_kubectl_scale_moves_the_pod_and_status_follows(cluster, operator):
     wait_for(lambda: cluster.kube.get_or_none(pod_url), 60, "the pod")
     wait_for(lambda: _status(cluster, pool_url).get("phase") == "Starting", 60, "Starting")
     _make_ready(cluster, pod_url)
+    # the phase and the scale time may land in separate status patches: wait for both
     st = wait_for(
-        lambda: (s := _status(cluster, pool_url)).get("phase") == "Running" and s, 60, "Running"
+        lambda: (
+            (s := _status(cluster, pool_url)).get("phase") == "Running" and "lastScaleUp" in s and s
+        ),
+        60,
+        "Running, with its scale-up time",
     )
     assert st["readyReplicas"] == 1 and st["selector"] == "curtail.dev/sitepool=scaling"
     assert st["pod"]["ready"] is True and "lastScaleUp" in st
     cluster.kubectl("-n", ns, "scale", "sitepool/scaling", "--replicas=0")
-    wait_for(lambda: _status(cluster, pool_url).get("phase") == "Stopped", 90, "Stopped")
+    wait_for(
+        lambda: (
+            (s := _status(cluster, pool_url)).get("phase") == "Stopped" and "lastScaleDown" in s
+        ),
+        90,
+        "Stopped, with its scale-down time",
+    )
     assert cluster.kube.get(sts_url)["spec"]["replicas"] == 0
-    assert "lastScaleDown" in _status(cluster, pool_url)
 
 
 def test_drift_is_repaired_and_a_scale_is_not_fought(cluster, operator):
