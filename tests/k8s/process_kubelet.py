@@ -2,7 +2,7 @@
 runtime here; Linux namespaces stand in for the container, so it needs root).
 
 - Registers a Ready Node and keeps its heartbeat; binds Pending Pods without a node to itself
-  (and takes those the scheduler bound to it).
+  when their ``nodeSelector`` matches its labels (and takes those the scheduler bound to it).
 - Each Pod gets a sandbox: a ``sleep`` as PID 1 of fresh network, PID and mount namespaces
   (``unshare``), so every pod has its own loopback and ports, and a pod's ``/proc`` shows
   only its own processes. Containers run in it through ``nsenter``.
@@ -16,7 +16,8 @@ runtime here; Linux namespaces stand in for the container, so it needs root).
   is this checkout: the process runs in ``workdir`` with the kubelet's PATH.
 - Status: Running, Ready from the readiness probe (tcpSocket or exec), container statuses
   with restart counts and exit codes; ``restartPolicy`` Always/OnFailure restarts with
-  backoff; Never ends the pod Succeeded or Failed.
+  back-off (reported as CrashLoopBackOff, as a kubelet does); Never ends the pod Succeeded
+  or Failed.
 - Deletion: the preStop exec hook, then SIGTERM to the container's process, SIGKILL of the
   whole pod after ``terminationGracePeriodSeconds``, then the final DELETE (grace 0).
 
@@ -120,6 +121,7 @@ class Container:
         self.ready = False
         self.started_at = ""
         self.last_exit: JSON | None = None  # {"exitCode":..., "finishedAt":...}
+        self.backoff_until: float | None = None  # waiting to be restarted after an exit
 
     def argv(self, env: dict[str, str]) -> list[str]:
         words = [*self.spec.get("command", []), *self.spec.get("args", [])]
@@ -177,6 +179,9 @@ class Container:
         }
         if self.proc is not None and self.proc.poll() is None:
             out["state"] = {"running": {"startedAt": self.started_at}}
+        elif self.backoff_until is not None:  # as a real kubelet reports a restart back-off
+            out["state"] = {"waiting": {"reason": "CrashLoopBackOff"}}
+            out["lastState"] = {"terminated": self.last_exit}
         elif self.last_exit is not None:
             out["state"] = {"terminated": self.last_exit}
         else:
@@ -326,7 +331,6 @@ class Pod:
 
     def _supervise(self) -> None:
         policy = self.body["spec"].get("restartPolicy", "Always")
-        backoff: dict[str, float] = {}
         while not self.terminating:
             for c in self.containers:
                 code = c.proc.poll() if c.proc is not None else None
@@ -335,15 +339,14 @@ class Pod:
                     c.ready = False
                     c.proc = None
                     if policy == "Always" or (policy == "OnFailure" and code != 0):
-                        delay = min(30.0, 2.0 * 2**c.restarts)
-                        backoff[c.name] = time.monotonic() + delay
-                if c.proc is None and c.name in backoff and time.monotonic() >= backoff[c.name]:
-                    del backoff[c.name]
+                        c.backoff_until = time.monotonic() + min(30.0, 2.0 * 2**c.restarts)
+                if c.proc is None and c.backoff_until and time.monotonic() >= c.backoff_until:
+                    c.backoff_until = None
                     c.restarts += 1
                     c.start()
                 if c.proc is not None:
                     c.ready = c.probe()
-            if all(c.proc is None for c in self.containers) and not backoff:
+            if all(c.proc is None and c.backoff_until is None for c in self.containers):
                 ok = all(c.last_exit and c.last_exit["exitCode"] == 0 for c in self.containers)
                 self.patch_status("Succeeded" if ok else "Failed")
                 return
@@ -465,7 +468,7 @@ class ProcessKubelet:
     def start(self) -> ProcessKubelet:
         self.root.mkdir(parents=True, exist_ok=True)
         node = {
-            "metadata": {"name": self.node, "labels": {"kubernetes.io/hostname": self.node}},
+            "metadata": {"name": self.node, "labels": self._labels()},
             "spec": {},
         }
         try:
@@ -527,6 +530,13 @@ class ProcessKubelet:
                 print(f"process kubelet {self.node}: {exc!r}", flush=True)
             self._closed.wait(self.period_s)
 
+    def _labels(self) -> dict[str, str]:
+        return {"kubernetes.io/hostname": self.node}
+
+    def _selects_me(self, spec: JSON) -> bool:
+        labels = self._labels()
+        return all(labels.get(k) == v for k, v in (spec.get("nodeSelector") or {}).items())
+
     def _sync(self) -> None:
         items = self.kube.get("/api/v1/pods")["items"]
         seen = set()
@@ -535,6 +545,8 @@ class ProcessKubelet:
             uid = meta["uid"]
             seen.add(uid)
             if not spec.get("nodeName") and not meta.get("deletionTimestamp"):
+                if not self._selects_me(spec):
+                    continue  # the scheduler reports it Unschedulable
                 binding = {
                     "apiVersion": "v1",
                     "kind": "Binding",
