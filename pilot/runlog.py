@@ -76,5 +76,10 @@ class RunLog:
 
     def close(self) -> None:
         if self.wandb_run is not None:
+            import wandb
+
             self.wandb_run.finish()
+            # finish() can return before wandb's service has flushed the offline record on a
+            # busy machine; tearing the service down waits for it, so the record is whole
+            wandb.teardown()
             self.wandb_run = None

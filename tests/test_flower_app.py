@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SPEEDUP = 60.0  # simulated seconds per wall second
 HIGH, LOW = 300.0, 40.0  # gCO2/kWh around the 100 threshold
+LEAVE_MARGIN_S = 15.0  # wall s a round must have left when alpha's window closes in it
 RUN = "itest"
 
 SITES = """
@@ -138,9 +139,12 @@ class Driver(threading.Thread):
             threshold=100.0,
         )
 
+    def sim_now(self) -> float:
+        return self.sim0 + (time.time() - self.wall0) * SPEEDUP
+
     def run(self) -> None:
         while not self.halt.is_set():
-            t = self.sim0 + (time.time() - self.wall0) * SPEEDUP
+            t = self.sim_now()
             states = {
                 s: {"mci": v, "curtailed": v < 100.0, "power_w": 0.0} for s, v in self.mci.items()
             }
@@ -318,6 +322,17 @@ def _is(kind: str, **fields):
     return pred
 
 
+def _federated_round_with_time_left(stack: Stack, sig, driver: Driver) -> dict:
+    """A federated round in which alpha has stepped with ``LEAVE_MARGIN_S`` wall seconds still
+    left: on a busy box a TRAIN can reach its first step only near the deadline, and a window
+    closing then would end the round by its deadline, not by a leave."""
+    while True:
+        r = stack.wait("a federated round", _is("round_start", sites=["alpha", "beta"]))
+        stack.wait_step(sig, "alpha", r["round"])
+        if (r["deadline_t"] - driver.sim_now()) / SPEEDUP >= LEAVE_MARGIN_S:
+            return r
+
+
 @pytest.mark.timeout(600)
 def test_elastic_run_with_join_leave_and_restart(stack, redis_url):
     from nanochat import checkpoint
@@ -336,8 +351,7 @@ def test_elastic_run_with_join_leave_and_restart(stack, redis_url):
         driver.mci["beta"] = LOW  # -> FEDERATED: beta joins alpha's running round
         stack.wait("beta joins mid-round", _is("join", site="beta", round=r1["round"]))
         stack.wait("a federated aggregate", _is("aggregate", sites=["alpha", "beta"]))
-        r3 = stack.wait("a federated round", _is("round_start", sites=["alpha", "beta"]))
-        stack.wait_step(sig, "alpha", r3["round"])
+        r3 = _federated_round_with_time_left(stack, sig, driver)
         driver.mci["alpha"] = HIGH  # -> LOCAL: alpha leaves mid-round
         stack.wait("alpha leaves", _is("leave", site="alpha", round=r3["round"]))
         stack.wait(
