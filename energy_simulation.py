@@ -22,13 +22,14 @@ import threading
 import time
 from pathlib import Path
 
-from pilot import energy
-from pilot.launch import curtail_home, trace_path
-from pilot.signals import Signals, connect, redact
-from pilot.sites import FORECASTER_NAMES, SitesConfig, load_sites
-from pilot.sources import open_sources
-from pilot.sources.record import SignalRecord
-from pilot.traces import Trace, load_trace, parse_time
+from pilot.config.paths import curtail_home
+from pilot.config.sites import FORECASTER_NAMES, SitesConfig, load_sites
+from pilot.energy import cosim as energy
+from pilot.energy.sources import open_sources
+from pilot.energy.sources.record import SignalRecord
+from pilot.energy.traces import Trace, load_trace, parse_time
+from pilot.infra.signals import Signals, connect, redact
+from pilot.launch.cli import trace_path
 
 DEFAULT_SITES = Path(__file__).resolve().parent / "configs" / "sites.toml"
 LIVE_HOURS = 24 * 365.0  # a live run goes on until stopped

@@ -2,7 +2,7 @@
 
 Compares, on the same inputs and in the same process:
   floor   a plain memory copy of the same input bytes (torch copy_ into preallocated buffers)
-  ours    pilot.aggregate: decode the received ArrayRecords (zero-copy) + weighted_average
+  ours    pilot.control.aggregate: decode the received ArrayRecords (zero-copy) + weighted_average
           into the server's reused fp32 scratch state
   flower  flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords on Flower's own
           ArrayRecords of the same tensors (what FedAvg uses)
@@ -60,7 +60,7 @@ def time_ours(
 ) -> tuple[float, float]:
     """(first call, best steady-state call). The server keeps one fp32 scratch state across
     rounds, as the floor's destination is preallocated; the first call also allocates it."""
-    from pilot.aggregate import decode_state, encode_state, weighted_average
+    from pilot.control.aggregate import decode_state, encode_state, weighted_average
 
     records = [encode_state(s, torch.float32) for s in states]
     scratch: dict[str, torch.Tensor] | None = None
@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--flower-repeat", type=int, default=1)
     args = ap.parse_args()
 
-    from pilot.aggregate import weighted_average
+    from pilot.control.aggregate import weighted_average
 
     states = [make_state(args.layers, args.dim, args.vocab, seed) for seed in range(3)]
     weights = [1200.0, 800.0, 2000.0]

@@ -1,11 +1,11 @@
 """Parity benchmark: the validation bpb of curtailment-aware training against centralized
-training at equal tokens (pilot/parity.py has the three ways; this is its CLI).
+training at equal tokens (pilot/analysis/parity.py has the three ways; this is its CLI).
 
     python bench/parity.py [--trace F] [--sites F] [--outer none|nesterov] [--round-s S]
         [--join-rule stale|close|both] [--data sites|stream] [--steps N] [--seed N]
 
 (a) centralized (nanochat.train's loop), (b) curtailment-aware across the sites of the trace
-(the policy's schedule from pilot.simulate, the ServerApp's round rules, the real averaging
+(the policy's schedule from pilot.analysis.simulate, the ServerApp's round rules, the real averaging
 and outer step), (c) continuous federated across all sites at (b)'s per-site speed. The same
 model config, data and token count for all; default: a d2 model on the offline demo corpus
 and its 8192-token tokenizer under $CURTAIL_HOME (built on first use), ~6 min on 2 CPU cores.
@@ -29,9 +29,9 @@ from nanochat.common import curtail_home  # noqa: E402
 from nanochat.dataloader import PACKINGS  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 from nanochat.train import TrainConfig  # noqa: E402
-from pilot import parity, schedule  # noqa: E402
+from pilot.analysis import parity, schedule  # noqa: E402
 
-LIVE_JOIN_RULE = "stale"  # pilot/strategy.py: a joiner starts from the round's opening model
+LIVE_JOIN_RULE = "stale"  # pilot/flower/loop.py: a joiner starts from the round's opening model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,7 +72,7 @@ def prepared(args: argparse.Namespace) -> tuple[Path, Path]:
     """The data and tokenizer dirs; the demo corpus and tokenizer are built on first use."""
     if args.data_dir and args.tokenizer_dir:
         return Path(args.data_dir), Path(args.tokenizer_dir)
-    from pilot.launch import load_preset, prepare_data
+    from pilot.launch.cli import load_preset, prepare_data
 
     launch = load_preset("cpu-demo")[1]["launch"]
     prepare_data(launch, allowed=True, say=print)
@@ -85,9 +85,9 @@ def prepared(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def plans(args: argparse.Namespace) -> dict[str, list]:
     """{"curtailed/<rule>": rounds, "federated": rounds}, step counts filled in."""
-    from pilot.simulate import run
-    from pilot.sites import load_sites
-    from pilot.traces import load_trace, parse_time
+    from pilot.analysis.simulate import run
+    from pilot.config.sites import load_sites
+    from pilot.energy.traces import load_trace, parse_time
 
     sites = load_sites(args.sites)
     trace = load_trace(args.trace or sites.trace)

@@ -2,7 +2,7 @@
 
 Per chunk (default two days): synthesise an MCI trace for every site (excluded from the
 timing: it stands in for reading data), interpolate it at the ticks, build the forecast
-outlooks, and run the batch policy (pilot.policy.simulate_batch) carrying state across chunks.
+outlooks, and run the batch policy (pilot.control.policy.simulate_batch) carrying state across chunks.
 Each size runs in its own process so its peak RSS is its own. Scaling: the same work at
 several sizes; time per site-tick should stay flat (linear in sites x steps).
 
@@ -22,8 +22,10 @@ import time
 
 import numpy as np
 
-from pilot import policy as P
-from pilot.traces import synthetic
+from pilot.control import policy as P
+from pilot.energy import forecast as F
+from pilot.energy import traces as T
+from pilot.energy.traces import synthetic
 
 DAY_S = 86400.0
 
@@ -48,7 +50,7 @@ def run_one(
     cfg = P.PolicyConfig(name=name, **P.PRESETS[name])
     delays = rng.choice([60.0, 240.0, 600.0], sites)
     idle_kw, train_kw = np.full(sites, 0.468), np.full(sites, 2.024)
-    start = P.DAY_S * 19876  # 2024-06-01 UTC
+    start = T.DAY_S * 19876  # 2024-06-01 UTC
     state = None
     t_policy = t_interp = t_fc = 0.0
     site_ticks = trained = 0
@@ -71,7 +73,7 @@ def run_one(
         fc = None
         if cfg.use_forecast:
             fc = P.forecast_arrays(
-                P.make_forecaster(forecaster, trace),
+                F.make_forecaster(forecaster, trace),
                 trace,
                 regions,
                 ticks,

@@ -52,8 +52,8 @@ def client(spec_path: str) -> None:
 
     import torch  # noqa: F401 - counted in the start-up, as in a real ClientApp
 
-    from pilot.aggregate import decode_state, encode_state
-    from pilot.trainjob import Job, run_job
+    from pilot.control.aggregate import decode_state, encode_state
+    from pilot.flower.train_job import Job, run_job
 
     spec = json.loads(Path(spec_path).read_text())
     with open(spec["wire"], "rb") as f:
@@ -67,10 +67,10 @@ def client(spec_path: str) -> None:
     print(
         json.dumps(
             {
-                "start_to_first_step_s": res.started_at - t_start,
-                "last_step_to_reply_s": t_reply - res.ended_at,
+                "start_to_first_step_s": res.intervals[0][0] - t_start,
+                "last_step_to_reply_s": t_reply - res.intervals[0][1],
                 "steps": res.steps,
-                "step_s": (res.ended_at - res.started_at) / max(1, res.steps),
+                "step_s": (res.intervals[0][1] - res.intervals[0][0]) / max(1, res.steps),
                 "reply_bytes": nbytes,
             }
         )
@@ -93,7 +93,7 @@ def main() -> None:
     from nanochat.dataset import chunk_table, demo_texts, read_row_group, write_shards
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.tokenizer import Tokenizer
-    from pilot.aggregate import encode_state
+    from pilot.control.aggregate import encode_state
 
     tmp = Path(tempfile.mkdtemp(prefix="round-overhead-"))
     data, tok = tmp / "data", tmp / "tokenizer"
@@ -140,6 +140,7 @@ def main() -> None:
             "data_dir": str(data),
             "tokenizer_dir": str(tok),
             "state_dir": str(tmp / "state"),
+            "transfer_dtype": "fp32",
             "max_steps": 3,
         }
         spec = tmp / f"spec-{depth}.json"

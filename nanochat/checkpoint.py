@@ -7,12 +7,13 @@ checkpoint that latest() would pick.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from nanochat.paths import atomic_write
 
 CKPT_RE = re.compile(r"^step_(\d{9})\.pt$")
 
@@ -29,12 +30,8 @@ def save(
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"step_{int(meta['step']):09d}.pt"
-    tmp = d / f".{path.name}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save({"model": model_state, "optim": optim_states, "meta": meta}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    state = {"model": model_state, "optim": optim_states, "meta": meta}
+    atomic_write(path, lambda f: torch.save(state, f), fsync=True)
     if keep is not None:
         for old in sorted(p for p in d.iterdir() if CKPT_RE.match(p.name))[:-keep]:
             old.unlink()

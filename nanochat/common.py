@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from nanochat.paths import curtail_home, resolve  # noqa: F401  (re-exported for the scripts)
 
 # Measured on the shared 2-core CI box (depth-2 model, 8x64 tokens, fwd+bwd): 1 thread 50 ms,
 # 2 threads 1090 ms. OpenMP workers spin-wait for each other, so with any other process on the
 # cores (tokenizer threads, a second DDP rank, other jobs) using every core collapses. Default:
 # half the cores, split over the ranks of this machine.
 DEFAULT_CPU_THREADS = max(1, (os.cpu_count() or 1) // 2)
-
-
-def curtail_home() -> Path:
-    """Root for relative data/tokenizer/run paths: $CURTAIL_HOME or ~/.cache/curtail-llm."""
-    return Path(os.environ.get("CURTAIL_HOME", Path.home() / ".cache" / "curtail-llm"))
-
-
-def resolve(path: str | os.PathLike) -> Path:
-    """Absolute paths stay as they are; relative ones live under curtail_home()."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else curtail_home() / p
 
 
 def dist_info() -> tuple[int, int, int]:

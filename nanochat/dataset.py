@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import resolve
+from nanochat.paths import atomic_write
 
 SHARD_RE = re.compile(r"^shard_(\d{5})\.parquet$")
 # nanochat's pre-shuffled FineWeb-EDU (100B tokens in 1823 shards of ~100 MB, text column).
@@ -162,9 +163,8 @@ def write_shards(
     paths = []
     for i, group in enumerate(groups):
         path = out / shard_name(i)
-        tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(pa.table({"text": group}), tmp, row_group_size=row_group_size)
-        os.replace(tmp, path)
+        table = pa.table({"text": group})
+        atomic_write(path, lambda f, t=table: pq.write_table(t, f, row_group_size=row_group_size))
         paths.append(path)
     return paths
 

@@ -123,7 +123,7 @@ def train(args, device, autocast_ctx, rank: int, world: int) -> int:
     loader = make_loader(cursor=cursor, loop=args.loop)
 
     def validate(step: int) -> float:
-        # the same measurement as the ServerApp's per-round validation (pilot/validation.py)
+        # the same measurement as the ServerApp's per-round validation (pilot/control/validation.py)
         bpb = val_bpb(model, tok, data_dir, cfg, rank=rank, world=world, autocast_ctx=autocast_ctx)
         print0(f"step {step:5d} | val bpb {bpb:.4f}")
         return bpb

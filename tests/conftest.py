@@ -6,7 +6,7 @@ import pytest
 @pytest.fixture(scope="session")
 def redis_url():
     """A real Valkey server on loopback with a password, for the whole test session."""
-    from pilot.redis_server import EmbeddedValkey
+    from pilot.infra.valkey import EmbeddedValkey
 
     with EmbeddedValkey() as server:
         yield server.url

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-from pilot.traces import LBS_PER_MWH_TO_G_PER_KWH
+from pilot.energy.traces import LBS_PER_MWH_TO_G_PER_KWH
 
 Points = list[tuple[float, float]]
 

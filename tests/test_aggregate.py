@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pilot.aggregate import (
+from pilot.control.aggregate import (
     OuterOptimizer,
     ReplyError,
     decode_state,

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_redis_command_keeps_the_password_in_a_private_file_and_out_of_the_terminal(tmp_path):
     env = {**os.environ, "CURTAIL_HOME": str(tmp_path)}
     env.pop("CURTAIL_REDIS_URL", None)
-    cli = [sys.executable, "-m", "pilot.launch", "redis"]
+    cli = [sys.executable, "-m", "pilot.launch.cli", "redis"]
     server = subprocess.Popen(
         cli, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -51,13 +51,13 @@ def test_redis_command_keeps_the_password_in_a_private_file_and_out_of_the_termi
 
 
 def test_each_notable_event_is_logged_as_one_line_and_faults_as_warnings(tmp_path, caplog):
-    from pilot.events import EventLog
+    from pilot.events.log import EventLog
 
     events = EventLog(tmp_path / "events.jsonl", lambda: 1717250400.0)
-    with caplog.at_level(logging.INFO, logger="pilot.events"):
+    with caplog.at_level(logging.INFO, logger="pilot.events.log"):
         events.emit("mode", mode="LOCAL", train=["texas"], provision=["texas"], reasons={})
         events.emit("train_interval", site="texas", round=1, start=0.0, end=1.0)  # not notable
-        events.emit("aggregate", round=1, loss=6.25, global_step=40, sites=["texas"])
+        events.emit("aggregate", round=1, loss=6.25, tokens=512, global_step=40, sites=["texas"])
         events.emit("fault", error="node disconnected", site="texas")
     lines = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert [level for level, _ in lines] == ["INFO", "INFO", "WARNING"]
@@ -68,7 +68,7 @@ def test_each_notable_event_is_logged_as_one_line_and_faults_as_warnings(tmp_pat
 
 
 def test_setup_errors_become_one_line_and_flower_logs_no_traceback_for_them(caplog):
-    from pilot.app_runtime import (
+    from pilot.flower.app_runtime import (
         ConfigurationError,
         _not_a_configuration_error,
         configuration_errors,
@@ -88,7 +88,7 @@ def test_setup_errors_become_one_line_and_flower_logs_no_traceback_for_them(capl
 
 
 def test_unknown_preset_names_presets_only(monkeypatch, tmp_path):
-    from pilot.strategy import RunConfigError, load_run_config
+    from pilot.control.run_config import RunConfigError, load_run_config
 
     monkeypatch.setenv("CURTAIL_HOME", str(tmp_path))
     with pytest.raises(RunConfigError) as err:
@@ -101,8 +101,8 @@ def test_unknown_preset_names_presets_only(monkeypatch, tmp_path):
 
 
 def test_unprepared_corpus_names_the_prepare_command(monkeypatch, tmp_path):
-    from pilot.app_runtime import ConfigurationError, check_prepared
-    from pilot.strategy import load_run_config
+    from pilot.control.run_config import load_run_config
+    from pilot.flower.app_runtime import ConfigurationError, check_prepared
 
     monkeypatch.setenv("CURTAIL_HOME", str(tmp_path))
     with pytest.raises(ConfigurationError, match="curtail-llm prepare --preset cpu-demo"):
@@ -110,7 +110,7 @@ def test_unprepared_corpus_names_the_prepare_command(monkeypatch, tmp_path):
 
 
 def test_missing_redis_url_says_where_to_export_it(monkeypatch):
-    from pilot.app_runtime import ConfigurationError, open_signals
+    from pilot.flower.app_runtime import ConfigurationError, open_signals
 
     monkeypatch.delenv("CURTAIL_REDIS_URL", raising=False)
     with pytest.raises(ConfigurationError, match="flower-superlink.*curtail-llm redis"):
@@ -118,7 +118,7 @@ def test_missing_redis_url_says_where_to_export_it(monkeypatch):
 
 
 def test_a_stop_signal_ends_the_body_then_reaches_flowers_handler():
-    from pilot.app_runtime import graceful_stop
+    from pilot.flower.app_runtime import graceful_stop
 
     flower: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda n, f: flower.append(n))
@@ -136,8 +136,8 @@ def test_a_stop_signal_ends_the_body_then_reaches_flowers_handler():
 
 
 def test_a_failing_report_is_logged_not_raised(tmp_path, caplog):
-    from pilot.report import write_after_run
+    from pilot.analysis.report import write_after_run
 
-    with caplog.at_level(logging.WARNING, logger="pilot.report"):
+    with caplog.at_level(logging.WARNING, logger="pilot.analysis.report"):
         assert write_after_run(tmp_path) is False
-    assert "python -m pilot.report" in caplog.text
+    assert "python -m pilot.analysis.report" in caplog.text

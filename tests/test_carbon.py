@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from pilot import carbon, sites
-from pilot.carbon import Interval, Ledger
-from pilot.traces import Trace
+from pilot.config import sites
+from pilot.energy import carbon
+from pilot.energy.carbon import Interval, Ledger
+from pilot.energy.traces import Trace
 
 
 def LinearTrace(times, **regions) -> Trace:

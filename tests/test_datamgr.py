@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from pilot.datamgr import Assignment, DataLedger, LedgerError, chunk_key
+from pilot.control.data_ledger import Assignment, DataLedger, LedgerError, chunk_key
 
 CHUNKS = [(0, 0, 100), (0, 1, 100), (1, 0, 50), (1, 1, 80)]
 

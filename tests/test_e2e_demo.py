@@ -1,5 +1,5 @@
 """A shortened cpu-demo, end to end, through the same command a user runs (`python -m
-pilot.launch`): real Valkey, real energy simulation, real Flower SuperLink/SuperNodes, real
+pilot.launch.cli`): real Valkey, real energy simulation, real Flower SuperLink/SuperNodes, real
 training on the offline demo corpus. Only the speed-up and the step budget differ from the
 full demo.
 
@@ -44,7 +44,7 @@ def demo_run(tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "pilot.launch",
+            "pilot.launch.cli",
             "up",
             "--preset",
             "cpu-demo",
@@ -143,9 +143,9 @@ def test_demo_site_pauses_above_the_threshold_stays_warm_and_resumes_in_the_same
 
 
 def test_demo_loss_falls_and_the_report_matches_its_events(demo_run):
-    from pilot.carbon import Ledger
-    from pilot.sites import load_sites
-    from pilot.traces import load_trace
+    from pilot.config.sites import load_sites
+    from pilot.energy.carbon import Ledger
+    from pilot.energy.traces import load_trace
 
     _, run_dir, _ = demo_run
     report = json.loads((run_dir / "report.json").read_text())

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pilot import energy
-from pilot.signals import Signals, connect
-from pilot.sites import load_sites
-from pilot.traces import load_trace
+from pilot.config.sites import load_sites
+from pilot.energy import cosim as energy
+from pilot.energy.traces import load_trace
+from pilot.infra.signals import Signals, connect
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ROOT / "configs" / "sites.toml"

@@ -1,4 +1,4 @@
-"""pilot.export: a finished run's model + tokenizer, loaded the way nanochat's own stack does.
+"""pilot.analysis.export: a finished run's model + tokenizer, loaded the way nanochat's own stack does.
 
 The federated run is real but small: the ServerApp's strategy (real Valkey, no Flower) closes
 two rounds in which two sites each train a depth-2 GPT with the site's own job code, so the
@@ -25,7 +25,8 @@ from nanochat import checkpoint
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
-from pilot import export, launch
+from pilot.analysis import export
+from pilot.launch import cli as launch
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "export-test"
@@ -123,10 +124,12 @@ def assert_tokenizer_matches(enc, token_bytes: torch.Tensor, tok: Tokenizer) -> 
 @pytest.fixture(scope="module")
 def fed_run(tmp_path_factory, redis_url, demo_data, tokenizer_dir) -> dict:
     """Two aggregated rounds of alpha + beta, checkpointed by ElasticStrategy._close_round."""
-    from pilot.signals import Signals, connect
-    from pilot.strategy import ElasticStrategy, Reply, Round, load_run_config
-    from pilot.traces import save_wide_csv, synthetic
-    from pilot.trainjob import Job, run_job
+    from pilot.control.rounds import Reply, Round
+    from pilot.control.run_config import load_run_config
+    from pilot.energy.traces import save_wide_csv, synthetic
+    from pilot.flower.loop import ElasticStrategy
+    from pilot.flower.train_job import Job, run_job
+    from pilot.infra.signals import Signals, connect
 
     tmp = tmp_path_factory.mktemp("fed")
     trace = synthetic(["RA", "RB"], hours=6, seed=1, start=T0, utc_offsets={"RA": 0, "RB": 0})
@@ -272,11 +275,21 @@ def test_unexportable_run_dir_is_refused_with_one_line_and_exit_2(make, why, tmp
 
 def test_python_m_pilot_export_refuses_a_run_without_checkpoint(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pilot.export", str(tmp_path), "--to", str(tmp_path / "out")],
+        [
+            sys.executable,
+            "-m",
+            "pilot.analysis.export",
+            str(tmp_path),
+            "--to",
+            str(tmp_path / "out"),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.startswith("python -m pilot.export: error:") and proc.stderr.count("\n") == 1
+    assert (
+        proc.stderr.startswith("python -m pilot.analysis.export: error:")
+        and proc.stderr.count("\n") == 1
+    )

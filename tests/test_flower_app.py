@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from pilot.infra.procs import free_port
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,12 +110,6 @@ seed = 7
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -169,7 +165,7 @@ class Stack:
             row_group_size=40,
             val_fraction=0.05,
         )
-        self.port = _free_port()
+        self.port = free_port()
         (tmp / "sites.toml").write_text(SITES)
         self.preset = tmp / "preset.toml"
         self.preset.write_text(
@@ -274,7 +270,7 @@ class Stack:
         raise AssertionError(f"{site} logged no step in round {round_n}")
 
     def serverapps(self) -> list[int]:
-        from pilot.procs import descendants
+        from pilot.infra.procs import descendants
 
         return [p for p in descendants(self.superlink.pid) if "flwr-serverapp" in _cmdline(p)]
 
@@ -287,7 +283,7 @@ class Stack:
         return pids
 
     def close(self) -> None:
-        from pilot.procs import descendants
+        from pilot.infra.procs import descendants
 
         for pid in self.supernodes():
             try:
@@ -336,7 +332,7 @@ def _federated_round_with_time_left(stack: Stack, sig, driver: Driver) -> dict:
 @pytest.mark.timeout(600)
 def test_elastic_run_with_join_leave_and_restart(stack, redis_url):
     from nanochat import checkpoint
-    from pilot.signals import Signals, connect
+    from pilot.infra.signals import Signals, connect
 
     sig = Signals(connect(redis_url), RUN)
     sig.clear()
@@ -454,9 +450,9 @@ def test_subprocess_provisioner_delay_stop_and_adoption(tmp_path):
     site reads "provisioning" until its modelled delay (sim -> wall via the speed-up) is over,
     resources on the command line/env, SIGTERM stop, and a second provisioner (a restarted
     ServerApp) adopting a live node instead of starting another."""
-    from pilot.procs import alive
+    from pilot.config.sites import Site
+    from pilot.infra.procs import alive
     from pilot.provisioner import make_provisioner
-    from pilot.sites import Site
 
     exe = tmp_path / "fake-supernode"
     exe.write_text(FAKE_SUPERNODE.format(python=sys.executable))

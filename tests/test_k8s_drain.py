@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from pilot.infra.signals import Signals, connect
 from pilot.k8s.drain import drain
-from pilot.signals import Signals, connect
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pilot.procs import descendants
+from pilot.infra.procs import descendants, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = "CURTAIL_TEST_MARK"
@@ -59,7 +59,7 @@ def launch(args: list[str], tmp_path: Path, timeout: float = 60, **env: str):
     mark = uuid.uuid4().hex
     full_env = {**os.environ, MARK: mark, "CURTAIL_HOME": str(tmp_path / "home"), **env}
     res = subprocess.run(
-        [sys.executable, "-m", "pilot.launch", *args, "--no-live"],
+        [sys.executable, "-m", "pilot.launch.cli", *args, "--no-live"],
         cwd=REPO,
         env=full_env,
         capture_output=True,
@@ -83,7 +83,7 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> st
 
 SPAWNER = textwrap.dedent("""
     import os, signal, subprocess, sys, time
-    from pilot.procs import ProcessSet
+    from pilot.infra.procs import ProcessSet
     ps = ProcessSet()
     # a child that detaches a grandchild into its own session, as flower-superlink does
     ps.start("detacher", [sys.executable, "-c",
@@ -117,7 +117,7 @@ def test_close_stops_detached_orphans_and_sigterm_ignoring_children(tmp_path):
 
 
 def test_children_get_their_own_process_group(tmp_path):
-    from pilot.procs import ProcessSet
+    from pilot.infra.procs import ProcessSet
 
     ps = ProcessSet()
     proc = ps.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
@@ -132,7 +132,7 @@ def test_children_get_their_own_process_group(tmp_path):
 def test_flwr_home_holds_only_the_local_deployment_connection(tmp_path):
     import tomllib
 
-    from pilot.launch import CONNECTION, write_flwr_home
+    from pilot.launch.cli import CONNECTION, write_flwr_home
 
     home = write_flwr_home(tmp_path / "flwr", 12345)
     cfg = tomllib.loads((home / "config.toml").read_text())
@@ -141,7 +141,7 @@ def test_flwr_home_holds_only_the_local_deployment_connection(tmp_path):
 
 
 def test_child_env_carries_redis_url_only_in_its_env_var():
-    from pilot.launch import ENV_REDIS, child_env
+    from pilot.launch.cli import ENV_REDIS, child_env
 
     env = child_env("redis://:pw@127.0.0.1:1/0", FLWR_HOME="/x")
     assert env[ENV_REDIS] == "redis://:pw@127.0.0.1:1/0"
@@ -152,7 +152,7 @@ def test_child_env_carries_redis_url_only_in_its_env_var():
 def test_run_config_values_round_trip_through_toml():
     import tomllib
 
-    from pilot.launch import parse_value, toml_value
+    from pilot.launch.cli import parse_value, toml_value
 
     for v in (3, 2.5, True, "cpu-demo", "a 'quoted' \"x\""):
         assert tomllib.loads(f"k = {toml_value(v)}")["k"] == v
@@ -172,7 +172,7 @@ def test_unknown_preset_names_the_available_ones(tmp_path):
 def test_preset_path_names_runs_after_its_file_and_security_flags_are_checked(
     tmp_path, monkeypatch
 ):
-    from pilot.launch import LaunchError, make_plan, parse_args
+    from pilot.launch.cli import LaunchError, make_plan, parse_args
 
     monkeypatch.setenv("CURTAIL_HOME", str(tmp_path))
     demo = REPO / "configs" / "cpu-demo.toml"
@@ -241,7 +241,7 @@ def prepared_home(tmp_path_factory) -> Path:
     """A CURTAIL_HOME with the cpu-demo corpus and tokenizer, built by `curtail-llm prepare`."""
     home = tmp_path_factory.mktemp("prepared-home")
     res = subprocess.run(
-        [sys.executable, "-m", "pilot.launch", "prepare", "--preset", "cpu-demo"],
+        [sys.executable, "-m", "pilot.launch.cli", "prepare", "--preset", "cpu-demo"],
         cwd=REPO,
         env={**os.environ, "CURTAIL_HOME": str(home)},
         capture_output=True,
@@ -288,7 +288,7 @@ def _launch_until_a_supernode_runs(home: Path, run_name: str, *flags: str):
     mark = uuid.uuid4().hex
     env = {**os.environ, MARK: mark, "CURTAIL_HOME": str(home)}
     logs = home / "runs" / run_name / "logs"
-    argv = [sys.executable, "-m", "pilot.launch", "--run-name", run_name, "--no-live"]
+    argv = [sys.executable, "-m", "pilot.launch.cli", "--run-name", run_name, "--no-live"]
     proc = subprocess.Popen(
         [*argv, *NEAR_WINDOW, *flags],
         cwd=REPO,
@@ -364,7 +364,7 @@ def test_tls_with_supernode_auth_admits_only_registered_nodes(prepared_home, tmp
     """--supernode-auth (TLS implied): the SuperLink serves TLS from a private CA, the
     provisioned SuperNode verifies it and signs with its registered key and connects; a node
     with an unregistered key is refused; no process serves or dials in plain text."""
-    from pilot.tls import node_key
+    from pilot.infra.tls import node_key
 
     proc, mark, seen, node_log = _launch_until_a_supernode_runs(
         prepared_home, "tls", "--supernode-auth"
@@ -390,7 +390,7 @@ def test_tls_with_supernode_auth_admits_only_registered_nodes(prepared_home, tmp
             refused = subprocess.Popen(
                 [f"{sys.prefix}/bin/flower-supernode", "--superlink", f"127.0.0.1:{port}",
                  "--root-certificates", str(keys / "ca.crt"), "--auth-supernode-private-key",
-                 str(intruder), "--port", str(_free_port()), "--max-retries", "1"],
+                 str(intruder), "--port", str(free_port()), "--max-retries", "1"],
                 env={**os.environ, MARK: mark, "FLWR_HOME": str(tmp_path / "flwr"),
                      "PATH": f"{sys.prefix}/bin{os.pathsep}{os.environ['PATH']}"},
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -411,22 +411,16 @@ def test_tls_with_supernode_auth_admits_only_registered_nodes(prepared_home, tmp
     assert marked(mark) == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- live view: what Redis says, folded into per-site state --------------------------------
 
 
 def test_live_view_follows_sites_through_provisioning_training_and_leaving(redis_url):
     from rich.console import Console
 
-    from pilot.launch_view import LiveView
-    from pilot.signals import Signals, connect
-    from pilot.sites import load_sites
-    from pilot.traces import load_trace
+    from pilot.config.sites import load_sites
+    from pilot.energy.traces import load_trace
+    from pilot.infra.signals import Signals, connect
+    from pilot.launch.view import LiveView
 
     sites = load_sites(REPO / "configs" / "sites.toml")
     trace = load_trace(REPO / "configs" / "traces" / "synthetic-3site.csv")
@@ -482,8 +476,8 @@ def test_live_view_follows_sites_through_provisioning_training_and_leaving(redis
 def test_live_table_renders_every_site_and_the_totals(redis_url):
     from rich.console import Console
 
-    from pilot.launch_view import LiveView
-    from pilot.sites import load_sites
+    from pilot.config.sites import load_sites
+    from pilot.launch.view import LiveView
 
     sites = load_sites(REPO / "configs" / "sites.toml")
     view = LiveView("demo", live=False, sites_config=sites)
@@ -496,8 +490,8 @@ def test_live_table_renders_every_site_and_the_totals(redis_url):
 
 
 def test_reused_run_name_continues_the_replay_where_the_run_stopped(tmp_path):
-    from pilot.launch import LaunchError, continue_replay
-    from pilot.traces import parse_time, synthetic
+    from pilot.energy.traces import parse_time, synthetic
+    from pilot.launch.cli import LaunchError, continue_replay
 
     trace = synthetic(["SPP_TX"], hours=24, seed=1)
     run_dir = tmp_path / "run"
@@ -515,7 +509,7 @@ def test_reused_run_name_continues_the_replay_where_the_run_stopped(tmp_path):
 
 
 def test_live_preset_needs_no_trace_and_runs_in_real_time(tmp_path, monkeypatch):
-    from pilot.launch import LaunchError, make_plan, parse_args
+    from pilot.launch.cli import LaunchError, make_plan, parse_args
 
     monkeypatch.setenv("CURTAIL_HOME", str(tmp_path))
     plan = make_plan(parse_args(["up", "--preset", "live-cpu", "--hours", "2"]))

@@ -4,7 +4,7 @@ served by a real loopback HTTP server (tests/provider_server.py), a real Valkey,
 The accelerated run shares one Clock between the server (whose "now" it is), the pollers
 and the simulation's pacing, so 3 simulated hours take ~10 s; the product itself runs live
 sources at speed-up 1 (the CLI tests). The policy is fed from the published Redis signals as
-the ServerApp reads them, and the recorded trace replays in pilot.simulate to the same
+the ServerApp reads them, and the recorded trace replays in pilot.analysis.simulate to the same
 decisions."""
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ from pathlib import Path
 import pytest
 from provider_server import ProviderServer
 
-from pilot import energy, simulate
-from pilot.clock import Clock
-from pilot.policy import Mode, make_policy
-from pilot.signals import Signals, connect
-from pilot.sites import load_sites
-from pilot.sources import open_sources
-from pilot.sources.base import Reading, Source
-from pilot.sources.emaps import ElectricityMaps
-from pilot.sources.record import SignalRecord
-from pilot.traces import load_trace, parse_time
+from pilot.analysis import simulate
+from pilot.config.sites import load_sites
+from pilot.control.policy import Mode, make_policy
+from pilot.energy import cosim as energy
+from pilot.energy.clock import Clock
+from pilot.energy.sources import open_sources
+from pilot.energy.sources.base import Reading, Source
+from pilot.energy.sources.emaps import ElectricityMaps
+from pilot.energy.sources.record import SignalRecord
+from pilot.energy.traces import load_trace, parse_time
+from pilot.infra.signals import Signals, connect
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = parse_time("2024-06-01T00:00:00Z")
@@ -124,7 +125,7 @@ class PolicyFeed(threading.Thread):
                     self.step(e["time"], pending.pop(e["time"]))
 
     def step(self, t: float, tick: dict[str, dict]) -> None:
-        # as pilot.strategy reads site:<s>: a site without "mci" is missing (not curtailed);
+        # as pilot.flower.loop reads site:<s>: a site without "mci" is missing (not curtailed);
         # prototype plans without forecasts
         mci = {s: e["mci"] for s, e in tick.items() if "mci" in e}
         delays = {s.name: s.provision_delay_s for s in self.sites.sites}
@@ -213,7 +214,7 @@ def test_live_feeds_drive_pause_local_federated_and_the_record_replays_to_the_sa
     replayed = [(e["t"], e["mode"]) for e in events if e["kind"] == "mode"]
     assert replayed == [(t, str(m)) for t, m in feed.modes if t < trace.end]
     out = tmp_path / "replay.json"
-    cmd = [sys.executable, "-m", "pilot.simulate", "--trace", str(rec.trace_path)]
+    cmd = [sys.executable, "-m", "pilot.analysis.simulate", "--trace", str(rec.trace_path)]
     cmd += ["--sites", str(path), "--policy", "prototype", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -322,7 +323,7 @@ def test_a_recorded_live_run_replays_with_its_provider_forecasts_to_the_same_dec
     sig, tmp_path, monkeypatch
 ):
     """The forecast policy on live feeds whose forecasts see each window coming (so it
-    pre-provisions): stepped on what each tick published, it decides exactly as pilot.simulate
+    pre-provisions): stepped on what each tick published, it decides exactly as pilot.analysis.simulate
     replaying the record with the recorded forecaster, and unlike a persistence replay."""
     monkeypatch.setattr(ElectricityMaps, "rate", (10_000, 1.0))
     path = sites_file(tmp_path, ("alpha", CA, "watttime"), ("beta", DE, "electricitymaps"))

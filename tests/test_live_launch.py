@@ -6,7 +6,7 @@ Live sources run in real time, so the test shortens the providers' clock instead
 every second, and the test moves the served values across the threshold as the stack reacts
 (alpha below once the run is paused, beta once alpha trains alone), then stops the signal
 feed (SIGTERM to the energy simulation, as an operator does), which ends the run. The
-recorded trace and forecasts then replay in pilot.simulate to the same mode decisions.
+recorded trace and forecasts then replay in pilot.analysis.simulate to the same mode decisions.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from provider_server import ProviderServer
 from test_launch import MARK, _cmd, marked
 from test_live_e2e import CA, DE, SITE, provider_env
 
-from pilot import simulate
-from pilot.procs import descendants
-from pilot.sites import load_sites
-from pilot.traces import load_trace, parse_time
+from pilot.analysis import simulate
+from pilot.config.sites import load_sites
+from pilot.energy.traces import load_trace, parse_time
+from pilot.infra.procs import descendants
 
 REPO = Path(__file__).resolve().parents[1]
 HIGH, LOW = 300.0, 50.0  # gCO2/kWh either side of the threshold (100)
@@ -102,7 +102,7 @@ def live_run(tmp_path_factory, demo_data, tokenizer_dir):
     data = {CA: [(t, HIGH) for t in grid], DE: [(t, HIGH) for t in grid]}
     mark, home = uuid.uuid4().hex, tmp / "home"
     run_dir = home / "runs" / "live"
-    argv = [sys.executable, "-m", "pilot.launch", "up", "--preset", str(preset)]
+    argv = [sys.executable, "-m", "pilot.launch.cli", "up", "--preset", str(preset)]
     argv += ["--run-name", "live", "--no-live", "--hours", "1", "--timeout", str(TIMEOUT_S - 30)]
     seen_cmdlines = []
     with ProviderServer(data, time.time) as server:

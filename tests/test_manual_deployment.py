@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 from test_launch import MARK, marked
 
+from pilot.infra.procs import free_port
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,12 +57,6 @@ def readme_terminals() -> dict[str, str]:
     return {k: "\n".join(v).strip() + "\n" for k, v in parts.items()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(what: str, cond: Callable[[], bool], timeout: float, logs: Callable[[], str]) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -77,7 +73,7 @@ class Terminals:
         self.logs = tmp / "terminals"
         self.logs.mkdir()
         self.mark = uuid.uuid4().hex
-        ports = [str(_free_port()) for _ in README_PORTS]
+        ports = [str(free_port()) for _ in README_PORTS]
         self.subst = {
             README_HOME: str(self.home),
             **dict(zip(README_PORTS, ports, strict=True)),
@@ -238,7 +234,7 @@ def test_readme_commands_reach_federated_stop_cleanly_and_leave_the_report(termi
     assert t.procs["run"].returncode == 0
 
     # the stream ends as soon as the run is marked stopped; the ServerApp goes on to end it
-    from pilot.report import REPORT_FILES, is_current
+    from pilot.analysis.report import REPORT_FILES, is_current
 
     _wait("the ServerApp's report", lambda: is_current(run_dir), 120, t.tails)
     assert all((run_dir / name).is_file() for name in REPORT_FILES)

@@ -2,7 +2,6 @@
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 from nanochat.common import device_teardown
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import Muon, zeropower_via_newtonschulz5
+from pilot.infra.procs import free_port
 
 torch.set_num_threads(1)
 
@@ -85,12 +85,6 @@ def _dist_worker(rank, world, port, out):
     if rank == 0:
         torch.save(model.state_dict(), out)
     device_teardown()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_distributed_step_equals_step_on_mean_gradient(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pilot.schedule import continuous, plan_rounds, steps_for
+from pilot.analysis.schedule import continuous, plan_rounds, steps_for
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = {"round_min_s": 20.0, "round_max_s": 60.0, "join_min_s": 5.0}

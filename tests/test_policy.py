@@ -6,9 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from pilot import policy as P
-from pilot.sites import Site, SitesConfig
-from pilot.traces import Trace, synthetic, windows
+from pilot.config.sites import Site, SitesConfig
+from pilot.control import policy as P
+from pilot.energy import forecast as F
+from pilot.energy.traces import Trace, synthetic, windows
 
 DELAY = 240.0
 THR = 100.0
@@ -20,7 +21,7 @@ def sites_config(regions: list[str], **policy) -> SitesConfig:
     return SitesConfig(sites, **{**knobs, **policy})
 
 
-def run_steps(pol: P.Policy, trace: Trace, sites: SitesConfig, ticks, fc: P.Forecaster | None):
+def run_steps(pol: P.Policy, trace: Trace, sites: SitesConfig, ticks, fc: F.Forecaster | None):
     """Drive Policy.step with the provisioning model "ready `delay` s after provisioning"."""
     names = sites.names
     prov_since: dict[str, float] = {}
@@ -59,9 +60,9 @@ def flicker_trace() -> Trace:
     return Trace(times, ["X"], np.array([vals]))
 
 
-def late(trace: Trace, s: float) -> P.Forecaster:
+def late(trace: Trace, s: float) -> F.Forecaster:
     """A perfect forecast ``s`` seconds late (a wrong one)."""
-    return P.perfect(Trace(trace.times + s, trace.regions, trace.values))
+    return F.perfect(Trace(trace.times + s, trace.regions, trace.values))
 
 
 @pytest.mark.parametrize(
@@ -81,7 +82,7 @@ def test_flickering_signal_provisions_once_and_ours_trains_only_below(name, fc_n
     if fc_name.startswith("late-"):
         fc = late(trace, float(fc_name.split("-")[1]))
     else:
-        fc = P.make_forecaster(fc_name, trace)
+        fc = F.make_forecaster(fc_name, trace)
     prov, train, _ = run_steps(pol, trace, sc, trace.times, fc)
     assert toggles(prov[0]) == 2  # one provisioning cycle: the node stays warm throughout
     below = np.array([trace.at("X", t) < THR for t in trace.times])
@@ -114,7 +115,7 @@ def test_right_forecast_makes_site_ready_at_window_start(tick_s):
     sc = sites_config(REGIONS)
     pol = P.make_policy("forecast", sc)
     ticks = np.arange(trace.start, trace.end - 3600, tick_s)
-    prov, train, ready = run_steps(pol, trace, sc, ticks, P.perfect(trace))
+    prov, train, ready = run_steps(pol, trace, sc, ticks, F.perfect(trace))
     checked = 0
     for i, region in enumerate(REGIONS):
         for a, b in merged_windows(trace, region, 600.0):
@@ -139,9 +140,9 @@ def test_wrong_forecast_misses_no_window_by_more_than_the_provisioning_delay(fc_
     sc = sites_config(REGIONS)
     pol = P.make_policy("forecast", sc)
     if fc_name == "shifted":  # a forecast 90 min late
-        fc = P.perfect(Trace(trace.times + 5400, trace.regions, trace.values))
+        fc = F.perfect(Trace(trace.times + 5400, trace.regions, trace.values))
     else:
-        fc = P.make_forecaster(fc_name, trace)
+        fc = F.make_forecaster(fc_name, trace)
     tick = 300.0
     ticks = np.arange(trace.start, trace.end - 3600, tick)
     prov, train, _ = run_steps(pol, trace, sc, ticks, fc)
@@ -167,7 +168,7 @@ def test_short_predicted_windows_are_skipped_and_long_ones_kept():
     times = 1.7e9 + 300.0 * np.arange(len(vals))
     trace = Trace(times, ["X"], np.array([vals]))
     sc = sites_config(["X"])
-    prov, train, _ = run_steps(P.make_policy("forecast", sc), trace, sc, times, P.perfect(trace))
+    prov, train, _ = run_steps(P.make_policy("forecast", sc), trace, sc, times, F.perfect(trace))
     assert not prov[0, :24].any()  # the ~10-min window is not worth 240 s of provisioning
     assert train[0, 26:48].all()
     # the prototype provisions for both
@@ -186,7 +187,7 @@ def test_a_right_forecast_leaves_the_window_at_once_and_is_back_in_time(tick_s):
     trace = gap_trace()
     sc = sites_config(["X"])
     ticks = np.arange(trace.start, trace.end, tick_s)
-    prov, train, _ = run_steps(P.make_policy("forecast", sc), trace, sc, ticks, P.perfect(trace))
+    prov, train, _ = run_steps(P.make_policy("forecast", sc), trace, sc, ticks, F.perfect(trace))
     below = trace.series("X", ticks) < THR
     # trains exactly while below, like the oracle; released in the 15-min gap and back ready
     np.testing.assert_array_equal(train[0], below)
@@ -198,7 +199,7 @@ def test_a_right_forecast_leaves_the_window_at_once_and_is_back_in_time(tick_s):
     # ours with no forecast cannot see the end: it never trains above the threshold, and
     # holds the site warm (idle) only until that costs what a re-provisioning would
     prov_n, tr_n, _ = run_steps(
-        P.make_policy("forecast", sc), trace, sc, ticks, P.persistence(trace)
+        P.make_policy("forecast", sc), trace, sc, ticks, F.persistence(trace)
     )
     np.testing.assert_array_equal(tr_n[0], below & prov_n[0] & tr_n[0])
     assert not (tr_n[0] & ~below).any() and (prov_n[0] & ~below).any()
@@ -210,7 +211,7 @@ def test_predicted_window_that_never_comes_is_abandoned_after_release_delay():
     trace = Trace(times, ["X"], np.array([vals]))
     lying = Trace(times, ["X"], np.array([[300.0] * 12 + [50.0] * 36 + [300.0] * 12]))
     sc = sites_config(["X"])
-    prov, train, _ = run_steps(P.make_policy("forecast", sc), trace, sc, times, P.perfect(lying))
+    prov, train, _ = run_steps(P.make_policy("forecast", sc), trace, sc, times, F.perfect(lying))
     on = np.flatnonzero(prov[0])
     assert on.size and not train.any()
     # pre-provisioned just before the predicted opening, held release_delay_s, then dropped
@@ -242,7 +243,7 @@ def test_batch_decisions_equal_step_decisions(name, fc_name, tick_s, enter_dwell
     trace = synthetic(regions, 60, seed=11)
     sc = sites_config(regions, enter_dwell_s=enter_dwell)
     ticks = np.arange(trace.start, trace.end - 3600, tick_s)
-    fc = P.make_forecaster(fc_name, trace) if fc_name else None
+    fc = F.make_forecaster(fc_name, trace) if fc_name else None
     prov, train, ready = run_steps(P.make_policy(name, sc), trace, sc, ticks, fc)
     cfg = P.policy_config(sc, name)
     mci = trace.series_all(ticks, regions)
@@ -276,7 +277,7 @@ def _cols(fa, a, b):
 def test_forecast_arrays_equal_outlook_of_forecast_lists():
     trace = synthetic(REGIONS, 30, seed=4)
     ticks = np.arange(trace.start, trace.end, 170.0)  # off-grid ticks
-    for fc in (P.perfect(trace), P.same_time_yesterday(trace)):
+    for fc in (F.perfect(trace), F.same_time_yesterday(trace)):
         fa = P.forecast_arrays(fc, trace, REGIONS, ticks, 3600.0, THR, 600.0)
         for i, r in enumerate(REGIONS):
             for k, t in enumerate(ticks):
@@ -315,7 +316,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def test_paper_config_reproduces_the_published_setup():
-    from pilot.sites import load_sites
+    from pilot.config.sites import load_sites
 
     c = load_sites(ROOT / "configs" / "paper-3site.toml")
     assert [s.region for s in c.sites] == ["CAISO_NORTH", "SPP_TX", "NEM_SA"]
@@ -363,7 +364,7 @@ provision_delay_s = 240
     ],
 )
 def test_bad_site_config_error_names_file_and_field(tmp_path, edit, message):
-    from pilot.sites import ConfigError, load_sites
+    from pilot.config.sites import ConfigError, load_sites
 
     p = tmp_path / "s.toml"
     p.write_text(GOOD.replace(*edit))
@@ -389,7 +390,7 @@ def test_warm_hold_lasts_until_idle_emissions_reach_a_reprovisioning_cost(level)
     # paper sites, lost work priced at half the threshold: 8.3 g
     assert hold_g == pytest.approx(DELAY / 3600 * (0.468 + 2.024) * THR / 2)
     trace = excursion_trace(level, 60)
-    prov, train, _ = run_steps(pol, trace, sc, trace.times, P.persistence(trace))
+    prov, train, _ = run_steps(pol, trace, sc, trace.times, F.persistence(trace))
     above = trace.row("X") >= THR
     assert not (train[0] & above).any()  # never steps above the threshold
     warm_s = 60.0 * (prov[0] & above).sum()
@@ -404,7 +405,7 @@ def test_short_excursion_is_held_warm_and_training_resumes_without_a_new_boot():
     sc = sites_config(["X"])
     trace = excursion_trace(300.0, 3)  # 3 min at 300 g: cheaper to hold than to reboot
     prov, train, ready = run_steps(
-        P.make_policy("forecast", sc), trace, sc, trace.times, P.persistence(trace)
+        P.make_policy("forecast", sc), trace, sc, trace.times, F.persistence(trace)
     )
     above = trace.row("X") >= THR
     assert prov[0].all()  # provisioned once, never released in the excursion
@@ -416,17 +417,17 @@ def test_short_excursion_is_held_warm_and_training_resumes_without_a_new_boot():
 def test_noisy_forecast_is_seeded_exact_now_and_errs_more_further_ahead():
     trace = synthetic(REGIONS, 48, seed=2, gusts=False)
     now = trace.start + 6 * 3600.0
-    fc = P.noisy(trace, P.ForecastError(time_s=900.0, level=0.15, seed=7))
+    fc = F.noisy(trace, F.ForecastError(time_s=900.0, level=0.15, seed=7))
     a = fc.forecast("SPP_TX", now, 7200.0, current=123.0)
     assert a == fc.forecast("SPP_TX", now, 7200.0, current=123.0)  # seeded
     assert a[0] == (now, 123.0)  # the present is measured
-    other = P.noisy(trace, P.ForecastError(seed=8)).forecast("SPP_TX", now, 7200.0)
+    other = F.noisy(trace, F.ForecastError(seed=8)).forecast("SPP_TX", now, 7200.0)
     assert [v for _, v in other][1:] != [v for _, v in a][1:]
     # no error: the perfect forecast's points exactly
-    exact = P.noisy(trace, P.ForecastError(time_s=0.0, level=0.0))
-    assert exact.forecast("SPP_TX", now, 3600.0) == P.perfect(trace).forecast("SPP_TX", now, 3600.0)
+    exact = F.noisy(trace, F.ForecastError(time_s=0.0, level=0.0))
+    assert exact.forecast("SPP_TX", now, 3600.0) == F.perfect(trace).forecast("SPP_TX", now, 3600.0)
     # the log-level error's spread grows with the horizon (over many issue times)
-    lvl = P.noisy(trace, P.ForecastError(time_s=0.0, level=0.15, seed=1))
+    lvl = F.noisy(trace, F.ForecastError(time_s=0.0, level=0.15, seed=1))
     errs = []
     for k in range(200):
         t = trace.start + k * 600.0
@@ -437,9 +438,9 @@ def test_noisy_forecast_is_seeded_exact_now_and_errs_more_further_ahead():
     assert spread[0] < spread[1] and spread[1] == pytest.approx(0.15, rel=0.3)
 
 
-def recorded_forecasts() -> P.RecordedForecasts:
+def recorded_forecasts() -> F.RecordedForecasts:
     """Two issues for X: at 1000 s (a drop ahead) and at 2000 s (the drop later)."""
-    return P.RecordedForecasts(
+    return F.RecordedForecasts(
         {"X": [1000.0, 2000.0]},
         {"X": [[(1000.0, 300.0), (1600.0, 50.0)], [(2000.0, 300.0), (3200.0, 50.0)]]},
     )
@@ -452,18 +453,18 @@ def test_recorded_forecasts_replay_the_newest_issue_at_or_before_now():
     assert rec.latest("X", 1999.0) == rec.series["X"][0]
     assert rec.latest("X", 2000.0) == rec.latest("X", 9e9) == rec.series["X"][1]
 
-    fc = P.make_forecaster("recorded", None, forecasts=rec)
+    fc = F.make_forecaster("recorded", None, forecasts=rec)
     # before the first issue (and for a region without forecasts): persistence
     assert fc.forecast("X", 500.0, 600.0, 280.0) == [(500.0, 280.0), (1100.0, 280.0)]
     assert fc.forecast("Y", 1500.0, 600.0, 90.0) == [(1500.0, 90.0), (2100.0, 90.0)]
     # then the issue composed from the measured present, as the live source published it
     assert fc.forecast("X", 1200.0, 3600.0, 280.0) == [(1200.0, 280.0), (1600.0, 50.0)]
-    assert fc.forecast("X", 2400.0, 3600.0, 290.0) == P.compose(
+    assert fc.forecast("X", 2400.0, 3600.0, 290.0) == F.compose(
         2400.0, 290.0, rec.series["X"][1], 3600.0
     )
     assert fc.forecast("X", 2400.0, 3600.0) == []  # no present value and no trace: unknown
     with pytest.raises(ValueError, match="needs a live run's forecasts.csv"):
-        P.make_forecaster("recorded", None)
+        F.make_forecaster("recorded", None)
 
 
 def test_recorded_forecasts_drive_pre_provisioning_in_the_batch_policy_as_in_step():
@@ -476,9 +477,9 @@ def test_recorded_forecasts_drive_pre_provisioning_in_the_batch_policy_as_in_ste
     cfg = P.policy_config(sc, "forecast")
     mci = trace.series_all(times, ["X"])
     issue = [(1000.0, 300.0), (3180.0, 300.0), (3240.0, 50.0), (9000.0, 50.0)]
-    rec = P.RecordedForecasts({"X": [1000.0]}, {"X": [issue]})
+    rec = F.RecordedForecasts({"X": [1000.0]}, {"X": [issue]})
     first_train = {}
-    for name, fc in (("recorded", P.recorded(rec, trace)), ("persistence", P.persistence(trace))):
+    for name, fc in (("recorded", F.recorded(rec, trace)), ("persistence", F.persistence(trace))):
         prov, train, _ = run_steps(P.make_policy("forecast", sc), trace, sc, times, fc)
         fca = P.forecast_arrays(fc, trace, ["X"], times, cfg.horizon_s, THR, 600.0, mci)
         res = P.simulate_batch(

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from test_carbon import LinearTrace, Site, Sites
 
-from pilot import report
-from pilot.carbon import Interval, Ledger
+from pilot.analysis import figure, report
+from pilot.energy.carbon import Interval, Ledger
+from pilot.events import reader
 
 T0 = 1_767_225_600.0  # 2026-01-01 00:00 UTC
 
@@ -122,7 +123,7 @@ def test_events_csv_has_one_row_per_event_with_the_union_of_fields(tmp_path):
     import csv
 
     events = _events()
-    report.write_events_csv(events, tmp_path / "e.csv")
+    reader.write_events_csv(events, tmp_path / "e.csv")
     rows = list(csv.DictReader(open(tmp_path / "e.csv")))
     assert len(rows) == len(events)
     assert list(rows[0])[:2] == ["t", "kind"] and {"site", "loss", "round", "mode"} <= set(rows[0])
@@ -131,10 +132,10 @@ def test_events_csv_has_one_row_per_event_with_the_union_of_fields(tmp_path):
 def test_torn_last_line_is_skipped_but_a_bad_middle_line_is_an_error(tmp_path):
     p = tmp_path / "events.jsonl"
     p.write_text('{"kind": "mode", "t": 1, "mode": "PAUSE"}\n{"kind": "mo')
-    assert len(report.load_events(p)) == 1
+    assert len(reader.load_events(p)) == 1
     p.write_text('{"kind": "mo\n{"kind": "mode", "t": 1}\n')
     with pytest.raises(ValueError, match=":1:"):
-        report.load_events(p)
+        reader.load_events(p)
 
 
 def test_mode_band_derives_from_training_intervals_when_no_mode_events():
@@ -143,7 +144,7 @@ def test_mode_band_derives_from_training_intervals_when_no_mode_events():
         Interval("b", 30, 40, "train"),
         Interval("b", 40, 60, "idle"),
     ]
-    assert report.mode_spans([], ivs, 0, 100) == [
+    assert figure.mode_spans([], ivs, 0, 100) == [
         (0, 10, "PAUSE"),
         (10, 30, "LOCAL"),
         (30, 40, "FEDERATED"),
@@ -173,11 +174,11 @@ def test_a_run_going_on_past_the_trace_end_is_accounted_up_to_it(tmp_path):
 
 def test_loss_curve_bins_steps_in_order_and_is_spread_over_its_interval():
     steps = [10.0 - 0.01 * i for i in range(1000)]
-    curve = report.loss_curve(steps, 64)
+    curve = reader.loss_curve(steps, 64)
     assert len(curve) == 64 and curve == sorted(curve, reverse=True)
     assert sum(curve) / 64 == pytest.approx(sum(steps) / 1000, rel=1e-3)  # bins ~equal in size
-    assert report.loss_curve([3.0, 2.0], 64) == [3.0, 2.0]  # short: every step kept
+    assert reader.loss_curve([3.0, 2.0], 64) == [3.0, 2.0]  # short: every step kept
     ev = {"kind": "train_interval", "t": T0 + 400, "site": "ca", "start": T0, "end": T0 + 400}
-    pts = report.losses([{**ev, "loss": 2.5, "curve": [4.0, 3.0, 2.0, 1.0]}])["ca"]
+    pts = figure.losses([{**ev, "loss": 2.5, "curve": [4.0, 3.0, 2.0, 1.0]}])["ca"]
     assert pts == [(T0 + 50, 4.0), (T0 + 150, 3.0), (T0 + 250, 2.0), (T0 + 350, 1.0)]
-    assert report.losses([{**ev, "loss": 2.5}])["ca"] == [(T0 + 400, 2.5)]  # older events
+    assert figure.losses([{**ev, "loss": 2.5}])["ca"] == [(T0 + 400, 2.5)]  # older events

@@ -3,8 +3,9 @@ one (in-memory replies, no Flower), and it reads on where it stopped."""
 
 import torch
 
-from pilot.datamgr import Assignment, DataLedger
-from pilot.strategy import ElasticStrategy, Participant, Reply, Round
+from pilot.control.data_ledger import Assignment, DataLedger
+from pilot.control.rounds import Participant, Reply, Round
+from pilot.flower.loop import ElasticStrategy
 
 
 def reply(tokens: int, steps: int, loss: float, consumed: dict, w: float, stopped_by: str):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pilot.runlog import RunLog
+from pilot.infra.runlog import RunLog
 
 ROWS = [
     {"round": 1, "t": 10.0, "global_step": 4, "tokens": 2048, "loss": 6.25, "sites": "texas",

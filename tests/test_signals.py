@@ -8,10 +8,11 @@ import uuid
 import pytest
 import redis
 
-from pilot import signals as S
-from pilot.clock import Clock
-from pilot.redis_server import EmbeddedValkey, free_port
-from pilot.signals import Signals, connect, redact
+from pilot.energy.clock import Clock
+from pilot.infra import signals as S
+from pilot.infra.procs import free_port
+from pilot.infra.signals import Signals, connect, redact
+from pilot.infra.valkey import EmbeddedValkey
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pilot import simulate
-from pilot.carbon import Ledger
-from pilot.sites import Site, SitesConfig
-from pilot.traces import Trace, load_trace, save_wide_csv, synthetic
+from pilot.analysis import simulate
+from pilot.config.sites import Site, SitesConfig
+from pilot.energy.carbon import Ledger
+from pilot.energy.traces import Trace, load_trace, save_wide_csv, synthetic
 
 KW, IDLE, DELAY = 2.024, 0.468, 240.0
 REGIONS = {"california": "CAISO_NORTH", "texas": "SPP_TX", "australia": "NEM_SA"}

@@ -13,16 +13,16 @@ import threading
 import pytest
 from provider_server import ProviderServer
 
-from pilot.policy import compose
-from pilot.sites import ConfigError, parse_sites
-from pilot.sources.base import AuthError, Cancelled, SourceError
-from pilot.sources.credentials import require, secret
-from pilot.sources.emaps import ElectricityMaps
-from pilot.sources.http import RateLimit, retry_after_s
-from pilot.sources.live import LiveSource
-from pilot.sources.record import SignalRecord
-from pilot.sources.watttime import TOKEN_RENEW_S, WattTime
-from pilot.traces import load_trace, parse_time
+from pilot.config.sites import ConfigError, parse_sites
+from pilot.energy.forecast import compose
+from pilot.energy.sources.base import AuthError, Cancelled, SourceError
+from pilot.energy.sources.credentials import require, secret
+from pilot.energy.sources.emaps import ElectricityMaps
+from pilot.energy.sources.http import RateLimit, retry_after_s
+from pilot.energy.sources.live import LiveSource
+from pilot.energy.sources.record import SignalRecord
+from pilot.energy.sources.watttime import TOKEN_RENEW_S, WattTime
+from pilot.energy.traces import load_trace, parse_time
 
 T0 = parse_time("2024-06-01T00:00:00Z")
 CA, DE = "CAISO_NORTH", "DE"
@@ -228,7 +228,7 @@ def test_unusable_answers_are_logged_and_skipped(server, timer, caplog, change, 
         change = json.dumps(body)
     server.fail(FORECAST, status=200, body=change)
     at(timer, 950)
-    with caplog.at_level(logging.ERROR, logger="pilot.sources"):
+    with caplog.at_level(logging.ERROR, logger="pilot.energy.sources"):
         src.poll_region(CA)
     assert message in caplog.text and "value skipped" in caplog.text
     assert src.reading(CA, timer.now()).time == before.time  # the last good value stands
@@ -236,7 +236,7 @@ def test_unusable_answers_are_logged_and_skipped(server, timer, caplog, change, 
 
 def test_a_region_the_provider_does_not_know_is_logged_and_stays_stale(server, timer, caplog):
     src = live(wt(server, timer), timer, [CA, "NOWHERE"])
-    with caplog.at_level(logging.ERROR, logger="pilot.sources"):
+    with caplog.at_level(logging.ERROR, logger="pilot.energy.sources"):
         src.start()
     assert "NOWHERE" in caplog.text and "HTTP 400" in caplog.text
     assert src.reading("NOWHERE", timer.now()) is None and src.reading(CA, timer.now())
@@ -254,7 +254,7 @@ def test_out_of_order_and_conflicting_timestamps_are_skipped_repeats_are_quiet(
     conflicting["data"][0]["value"] += 10.0
     server.fail(FORECAST, status=200, body=older)
     server.fail(FORECAST, status=200, body=json.dumps(conflicting))
-    with caplog.at_level(logging.ERROR, logger="pilot.sources"):
+    with caplog.at_level(logging.ERROR, logger="pilot.energy.sources"):
         src.poll_region(CA)
         src.poll_region(CA)
         assert "out-of-order" in caplog.text and "duplicate timestamp" in caplog.text
@@ -320,7 +320,7 @@ def test_electricitymaps_latest_and_forecast_with_the_auth_token_header(server, 
 def test_electricitymaps_without_forecast_access_publishes_persistence(timer, caplog):
     with ProviderServer({DE: grid([400, 380], step=3600.0)}, timer.now, em_forecast=False) as s:
         src = live(em(s, timer), timer, [DE])
-        with caplog.at_level(logging.WARNING, logger="pilot.sources"):
+        with caplog.at_level(logging.WARNING, logger="pilot.energy.sources"):
             src.start()
             src.poll_region(DE)
         now = timer.now()
@@ -434,7 +434,7 @@ def test_sites_config_names_the_recorded_forecasts_relative_to_its_file(tmp_path
 
 
 def test_recorded_forecasts_read_back_issue_by_issue(tmp_path):
-    from pilot.sources.record import read_forecasts
+    from pilot.energy.sources.record import read_forecasts
 
     rec = SignalRecord(tmp_path, [CA], start=T0)
     rec.forecast("watttime", CA, T0, [(T0, 300.0), (T0 + 300, 50.0)])
@@ -464,7 +464,7 @@ def test_recorded_forecasts_read_back_issue_by_issue(tmp_path):
     ],
 )
 def test_a_missing_or_malformed_forecasts_file_is_one_clear_error(tmp_path, body, message):
-    from pilot.sources.record import FORECAST_COLUMNS, read_forecasts
+    from pilot.energy.sources.record import FORECAST_COLUMNS, read_forecasts
 
     path = tmp_path / "forecasts.csv"
     if body is not None:

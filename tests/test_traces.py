@@ -4,8 +4,8 @@ files; the seeded synthetic generator and the CLI."""
 import numpy as np
 import pytest
 
-from pilot import traces as T
-from pilot.traces import TraceError, load_trace
+from pilot.energy import traces as T
+from pilot.energy.traces import TraceError, load_trace
 
 HEAD = "point_time,CAISO_NORTH,SPP_TX\n"
 

@@ -7,9 +7,9 @@ import torch
 
 from nanochat.tokenizer import Tokenizer
 from nanochat.train import TrainConfig, build_model, val_bpb
-from pilot.events import EventLog
-from pilot.runlog import RunLog
-from pilot.validation import RoundValidation, Validation
+from pilot.control.validation import RoundValidation, Validation
+from pilot.events.log import EventLog
+from pilot.infra.runlog import RunLog
 
 
 def _cfg(tokenizer_dir) -> TrainConfig:

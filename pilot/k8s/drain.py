@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pilot.signals import Signals, connect
+from pilot.infra.signals import Signals, connect
 
 SETTLE_S = 5.0  # after the ClientApp exits: the SuperNode forwards its reply
 MARGIN_S = 10.0  # left of the grace period for SIGTERM and a clean exit

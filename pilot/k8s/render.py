@@ -15,6 +15,7 @@ import json
 import math
 from typing import Any
 
+from pilot.infra.signals import ENV_URL
 from pilot.k8s import API_VERSION, HEALTH_PORT, KIND, LABEL_POOL, LABEL_SITE, SPEC_HASH, child_name
 
 JSON = dict[str, Any]
@@ -23,7 +24,7 @@ CA_PATH = "/etc/curtail/tls/ca.crt"
 AUTH_KEY_PATH = "/etc/curtail/auth/supernode.key"
 UID = 10001
 RESERVED_NODE_CONFIG = ("site", "state-dir", "cpu-threads")
-RESERVED_ENV = ("CURTAIL_REDIS_URL", "CUDA_VISIBLE_DEVICES", "FLWR_HOME", "CURTAIL_HOME", "HOME")
+RESERVED_ENV = (ENV_URL, "CUDA_VISIBLE_DEVICES", "FLWR_HOME", "CURTAIL_HOME", "HOME")
 
 
 def problems(spec: JSON) -> list[str]:
@@ -85,7 +86,7 @@ def _env(spec: JSON) -> list[JSON]:
     gpus = int(spec.get("gpus", 0))
     return [
         {
-            "name": "CURTAIL_REDIS_URL",
+            "name": ENV_URL,
             "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref.get("key", "url")}},
         },
         {"name": "CUDA_VISIBLE_DEVICES", "value": ",".join(str(i) for i in range(gpus))},

@@ -1,6 +1,6 @@
 """Provisioners: how a site's SuperNode comes and goes.
 
-The ServerApp decides *when* a site should exist (pilot.policy); a provisioner makes it so.
+The ServerApp decides *when* a site should exist (pilot.control.policy); a provisioner makes it so.
 The interface is deliberately small so a cloud or Kubernetes backend fits behind it:
 
 - ``start(site)``: begin provisioning; returns at once (provisioning takes time, the site is
@@ -19,26 +19,11 @@ SitePool per site, scaled through its ``/scale`` subresource, pilot/provisioner/
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from typing import Any
 
-KINDS = ("subprocess", "none", "kubernetes")
+from pilot.provisioner.base import KINDS, Provisioner
 
-
-class Provisioner(ABC):
-    @abstractmethod
-    def start(self, site: str) -> None: ...
-
-    @abstractmethod
-    def stop(self, site: str, drain: bool = True) -> None: ...
-
-    @abstractmethod
-    def status(self) -> dict[str, str]: ...
-
-    def close(self) -> None:
-        for site, state in self.status().items():
-            if state not in ("stopped", "external"):
-                self.stop(site, drain=True)
+__all__ = ["KINDS", "Provisioner", "make_provisioner"]
 
 
 def make_provisioner(kind: str, **kwargs: Any) -> Provisioner:

@@ -26,7 +26,7 @@ from typing import Any
 from pilot.k8s import GROUP, PLURAL, VERSION, pod_name
 from pilot.k8s.cache import PoolCache
 from pilot.k8s.client import Kube, api_client, path
-from pilot.provisioner import Provisioner
+from pilot.provisioner.base import Provisioner
 
 JSON = dict[str, Any]
 log = logging.getLogger(__name__)

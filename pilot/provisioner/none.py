@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from pilot.provisioner import Provisioner
+from pilot.provisioner.base import Provisioner
 
 
 class NoneProvisioner(Provisioner):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -28,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pilot.procs import alive, descendants
-from pilot.provisioner import Provisioner
+from pilot.infra.procs import alive, descendants, free_port
+from pilot.provisioner.base import Provisioner
 
 
 @dataclass
@@ -40,12 +39,6 @@ class _Node:
     pid: int | None = None
     port: int | None = None
     stopper: threading.Thread | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -149,7 +142,7 @@ class SubprocessProvisioner(Provisioner):
         node_dir = self._node_dir(site)
         (node_dir / "flwr-home").mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        port = s.port or _free_port()
+        port = s.port or free_port()
         env = {
             **self.env,
             "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in s.gpus),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -16,16 +15,12 @@ from typing import Any
 
 import yaml
 
+from pilot.infra.procs import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 BUNDLE = Path(os.environ.get("CURTAIL_K8S_BUNDLE", REPO.parent / "shared" / "k8s"))
 START, STOP = BUNDLE / "start-apiserver.sh", BUNDLE / "stop-apiserver.sh"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:

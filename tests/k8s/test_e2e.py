@@ -93,7 +93,7 @@ class Side:
 
 @pytest.fixture(scope="module")
 def e2e(cluster, tmp_path_factory) -> Iterator[dict]:
-    from pilot.redis_server import EmbeddedValkey
+    from pilot.infra.valkey import EmbeddedValkey
 
     root = tmp_path_factory.mktemp("k8s-e2e")
     home = root / "home"
@@ -101,7 +101,7 @@ def e2e(cluster, tmp_path_factory) -> Iterator[dict]:
     b_dir.mkdir()
     cluster_b = start_cluster(b_dir)
     env = {**os.environ, "CURTAIL_HOME": str(home)}
-    prepare = [sys.executable, "-m", "pilot.launch", "prepare", "--preset", "cpu-demo"]
+    prepare = [sys.executable, "-m", "pilot.launch.cli", "prepare", "--preset", "cpu-demo"]
     subprocess.run(prepare, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
     valkey = EmbeddedValkey(password=secrets.token_urlsafe(24))
     url = valkey.start().url
@@ -138,7 +138,7 @@ def e2e(cluster, tmp_path_factory) -> Iterator[dict]:
             f'k8s_kubeconfig = "{sides["a"].superlink_kubeconfig}"\n'
         )
         preset.write_text(re.sub(r'(?m)^provisioner = "subprocess".*\n', run, text))
-        argv = [sys.executable, "-m", "pilot.launch", "up", "--preset", str(preset)]
+        argv = [sys.executable, "-m", "pilot.launch.cli", "up", "--preset", str(preset)]
         argv += ["--sites", str(sites), "--redis-url", url, "--port", str(sl_port)]
         argv += ["--run-name", RUN, "--speedup", SPEEDUP, "--steps", "100000", "--no-live"]
         argv += ["--timeout", "600"]

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from kubetest import K8S
 
-from pilot.sites import SITE_NAME_RE
+from pilot.config.sites import SITE_NAME_RE
 
 OVERLAYS = ["overlays/dev", "overlays/cloud"]
 SERVED_1_20 = {

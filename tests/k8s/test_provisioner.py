@@ -7,10 +7,10 @@ import pytest
 from kubetest import sitepool, wait_for
 from test_operator import _make_ready, _urls
 
+from pilot.config.sites import Site
 from pilot.k8s import GROUP, PLURAL, VERSION
 from pilot.k8s.client import path
 from pilot.provisioner import make_provisioner
-from pilot.sites import Site
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,0 +1,308 @@
+"""One site's share of a round: the torch side of the ClientApp's ``train`` handler.
+
+``run_job(job, weights)`` builds the model from the global weights, restores this site's
+inner optimizer state from node-local disk (DiLoCo keeps inner state between rounds), trains
+with ``nanochat.train.run`` until the round deadline, the site's Redis stop key, or the end of
+its data assignment, saves the inner state again and returns the new weights and a summary.
+
+One process per GPU (DDP over NCCL, spawned like torchrun) when the site has several GPUs;
+otherwise a single in-process worker (CPU: gloo is not needed for one process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanochat.paths import atomic_write
+from pilot.flower.messages import TrainOrder, TrainReport
+from pilot.infra.procs import free_port
+from pilot.infra.signals import ENV_URL as ENV_REDIS
+
+# How often a training process asks Redis for its stop key: cheap enough per step, but a
+# step can be milliseconds on a tiny model, so rate-limit instead of asking every step.
+STOP_POLL_S = 0.5
+# A rank that has read its whole assignment before the deadline asks the ServerApp for more
+# (pilot.infra.signals lease:requests) when at least this much of the round is left, and waits this
+# long for the answer (the server answers within a control-loop tick, ~0.5 s).
+REFILL_MIN_LEFT_S = 2.0
+REFILL_WAIT_S = 10.0
+
+
+@dataclass
+class Job(TrainOrder):
+    """A TRAIN order as this node runs it: the order (its dirs resolved here) and the node's
+    own settings."""
+
+    site: str = ""
+    state_dir: str = ""  # node-local: inner optimizer state lives here between rounds
+    # Torch threads when training on the CPU (0: all cores). Several local sites share a box, and
+    # oversubscribed torch threads spin: measured here, 2 threads under load ran a tiny model
+    # 10-30x slower per step than 1 thread.
+    cpu_threads: int = 0
+
+
+def _connect_signals(run: str):
+    """pilot.infra.signals.Signals of this run when CURTAIL_REDIS_URL is set, else None (a site
+    without Redis still trains; it just cannot be stopped early or publish metrics)."""
+    url = os.environ.get(ENV_REDIS)
+    if not url:
+        return None
+    from pilot.infra.signals import Signals, connect
+
+    return Signals(connect(url), run)
+
+
+class _Energy:
+    """Total GPU energy over the job from NVML counters (mJ), when available."""
+
+    def __init__(self, device: torch.device):
+        self.handles: list[Any] = []
+        self.start = 0
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            idx = (
+                [int(i) for i in visible.split(",") if i.strip()]
+                if visible
+                else list(range(torch.cuda.device_count()))
+            )
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in idx]
+            self.nvml = pynvml
+            self.start = self._total()
+        except Exception:  # noqa: BLE001 - no NVML (driver, library, permissions): model it
+            self.handles = []
+
+    def _total(self) -> int:
+        return sum(self.nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self.handles)
+
+    def joules(self) -> float | None:
+        if not self.handles:
+            return None
+        return (self._total() - self.start) / 1000.0
+
+
+def _stopper(sig, site: str, round_n: int) -> Callable[[], bool]:
+    """True once the server asked this site to stop (it must leave) or ended the round early
+    (e.g. it shortened the round when a second site joined)."""
+    last, stopped = 0.0, False
+
+    def should_stop() -> bool:
+        nonlocal last, stopped
+        now = time.monotonic()
+        if sig is None or stopped or now - last < STOP_POLL_S:
+            return stopped
+        last = now
+        try:
+            stopped = sig.stop_reason(site) is not None or sig.round_ended(round_n)
+        except Exception:  # noqa: BLE001 - Redis hiccup: keep training, the deadline still holds
+            stopped = False
+        return stopped
+
+    return should_stop
+
+
+def _refiller(sig, job: Job, rank: int, world: int) -> Callable[[], tuple[list, dict]] | None:
+    """DataLoader.refill for this rank: more chunks of the round's data, leased mid-round."""
+    if sig is None:
+        return None
+
+    def refill() -> tuple[list, dict]:
+        if job.deadline_wall - time.time() < REFILL_MIN_LEFT_S:
+            return [], {}
+        got = sig.request_lease(job.site, job.round, rank, world, timeout_s=REFILL_WAIT_S)
+        if not got:
+            return [], {}
+        return [tuple(c) for c in got["chunks"]], dict(got["start_rows"])
+
+    return refill
+
+
+def _inner_path(job: Job, rank: int) -> Path:
+    return Path(job.state_dir) / f"inner-rank{rank}.pt"
+
+
+def _restore_inner(optimizers: list, job: Job, rank: int, world: int) -> bool:
+    """Load the inner optimizer state saved by this site's previous round, if compatible."""
+    path = _inner_path(job, rank)
+    if not path.is_file():
+        return False
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if (
+            saved["run"] != job.run
+            or saved["world"] != world
+            or saved["train_config"] != json.dumps(job.train_config, sort_keys=True)
+        ):
+            return False
+        for opt, sd in zip(optimizers, saved["optim"], strict=True):
+            opt.load_state_dict(sd)
+        return True
+    except (OSError, RuntimeError, KeyError, ValueError):
+        return False  # a torn or foreign file: start the inner optimizer fresh
+
+
+def _save_inner(optimizers: list, job: Job, rank: int, world: int) -> None:
+    path = _inner_path(job, rank)
+    state = {
+        "run": job.run,
+        "world": world,
+        "round": job.round,
+        "train_config": json.dumps(job.train_config, sort_keys=True),
+        "optim": [o.state_dict() for o in optimizers],
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _worker(
+    job: Job,
+    weights: dict[str, torch.Tensor],
+    device: torch.device,
+    autocast_ctx,
+    rank: int,
+    world: int,
+) -> tuple[dict[str, torch.Tensor] | None, TrainReport]:
+    from nanochat.dataloader import DataLoader
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import Tokenizer
+    from nanochat.train import TrainConfig, run
+
+    cfg = TrainConfig.from_dict(job.train_config)
+    torch.manual_seed(cfg.seed + job.global_step + rank)
+    model = GPT(GPTConfig.from_depth(cfg.depth, cfg.vocab_size, cfg.sequence_len)).to(device)
+    model.load_state_dict(weights)  # copy_ casts a bf16 transfer back to fp32 parameters
+    optimizers = model.setup_optimizers(
+        unembedding_lr=cfg.unembedding_lr,
+        embedding_lr=cfg.embedding_lr,
+        matrix_lr=cfg.matrix_lr,
+        weight_decay=cfg.weight_decay,
+    )
+    restored = _restore_inner(optimizers, job, rank, world)
+    # Every rank polls the stop key (the stop vote in nanochat.train.run is joint) and asks for
+    # its own data refills; only rank 0 publishes metrics and power.
+    sig = _connect_signals(job.run)
+    loader = DataLoader(
+        Tokenizer.load(job.tokenizer_dir),
+        job.data_dir,
+        cfg.device_batch_size,
+        cfg.sequence_len,
+        chunks=job.assignment["chunks"],
+        start_rows=job.assignment["start_rows"],
+        rank=rank,
+        world=world,
+        device=device,
+        refill=_refiller(sig, job, rank, world),
+        packing=cfg.packing,
+    )
+
+    def on_step(step: int, loss: float, tok_s: float, lrm: float) -> None:
+        if sig is not None and rank == 0:
+            sig.log_step(job.site, step=step, loss=loss, tok_s=tok_s, lr=lrm, round=job.round)
+
+    energy = _Energy(device)
+    # The simulation's GPU actor turns the state word into the site's power model.
+    if sig is not None and rank == 0:
+        sig.set_power(job.site, "train")
+    try:
+        res = run(
+            model,
+            optimizers,
+            loader,
+            cfg,
+            start_step=job.global_step,
+            max_steps=job.max_steps,
+            deadline=job.deadline_wall,
+            should_stop=_stopper(sig, job.site, job.round),
+            on_step=on_step,
+            ddp=world > 1,
+            autocast_ctx=autocast_ctx,
+        )
+    finally:
+        if sig is not None and rank == 0:
+            sig.set_power(job.site, "idle")
+    _save_inner(optimizers, job, rank, world)
+    result = TrainReport(
+        site=job.site,
+        tokens=res.tokens,
+        steps=res.steps,
+        loss=statistics.fmean(res.losses) if res.losses else None,
+        energy_j=energy.joules(),
+        # read, not trained on: cut off by the packing, or still held by best-fit at the end
+        cropped_tokens=int(res.stats.get("cropped_tokens", 0) + res.stats.get("held_tokens", 0)),
+        consumed=res.consumed,
+        intervals=[(res.started_at, res.ended_at)] if res.steps else [],
+        stopped_by=res.stopped_by,
+        start_step=res.start_step,
+        end_step=res.end_step,
+        losses=res.losses,
+        device=device.type,
+        world=world,
+        inner_restored=restored,
+    )
+    if rank != 0:
+        return None, result
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, result
+
+
+def _spawned(rank: int, world: int, port: int, job: Job, workdir: str) -> None:
+    """Entry of one DDP process (torch.multiprocessing.spawn): torchrun's env, then the job."""
+    from nanochat.common import device_setup, device_teardown
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    device, autocast_ctx, _, _ = device_setup()
+    try:
+        weights = torch.load(Path(workdir) / "global.pt", map_location="cpu", weights_only=True)
+        state, result = _worker(job, weights, device, autocast_ctx, rank, world)
+        if rank == 0:
+            torch.save({"state": state, "result": asdict(result)}, Path(workdir) / "result.pt")
+    finally:
+        device_teardown()
+
+
+def world_size(job: Job) -> int:
+    """Processes for this job: one per visible GPU, never more than assigned chunks (every
+    rank reads its own chunks), 1 on CPU."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return max(1, min(gpus, len(job.assignment["chunks"])))
+
+
+def run_job(
+    job: Job, weights: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], TrainReport]:
+    """Train this site's share of the round; returns (new weights, summary)."""
+    world = world_size(job)
+    if world == 1:
+        from nanochat.common import device_setup
+
+        device, autocast_ctx, _, _ = device_setup(threads=job.cpu_threads or None)
+        state, result = _worker(job, weights, device, autocast_ctx, 0, 1)
+        assert state is not None
+        return state, result
+
+    import torch.multiprocessing as mp
+
+    Path(job.state_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=job.state_dir) as workdir:
+        torch.save(weights, Path(workdir) / "global.pt")
+        mp.spawn(_spawned, args=(world, free_port(), job, workdir), nprocs=world, join=True)
+        out = torch.load(Path(workdir) / "result.pt", map_location="cpu", weights_only=True)
+    return out["state"], TrainReport(**out["result"])

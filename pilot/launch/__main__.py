@@ -1,0 +1,3 @@
+from pilot.launch.cli import main
+
+main()

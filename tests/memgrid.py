@@ -1,0 +1,130 @@
+"""An in-memory Flower Grid for the control loop's fast tests: SuperNodes that answer a QUERY
+and a TRAIN at once, through the real message codec (pilot.flower.messages), without a
+SuperLink, a SuperNode process or a training step.
+
+A fake site "trains" until its deadline or its stop key: it returns the global weights it was
+sent nudged by ``delta``, and reads every row of its lease (so the data ledger commits them).
+``bad`` makes its next reply malformed (a NaN loss), to prove a bad site is dropped."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import Message
+
+from pilot.control.aggregate import decode_state, encode_state, transfer_dtype
+from pilot.control.data_ledger import chunk_key
+from pilot.flower.messages import SiteInfo, TrainOrder, TrainReport
+
+STEP_TOKENS = 512  # tokens a fake step "trains"
+STEP_S = 0.02  # wall seconds a fake step "takes"
+
+
+@dataclass
+class FakeSite:
+    name: str
+    delta: float = 0.01
+    bad: str = ""  # "nan": the next reply has a NaN loss; "shape": a tensor of the wrong shape
+    orders: list[TrainOrder] = field(default_factory=list)
+
+
+@dataclass
+class _Pending:
+    msg: Message
+    node: int
+    started: float
+
+
+class MemGrid:
+    """The three Grid calls the control loop makes: get_node_ids, push_messages, pull_messages."""
+
+    def __init__(self, sig: Any):
+        self.sig = sig  # the run's Signals: a fake site honours its stop key like a real one
+        self.nodes: dict[int, FakeSite] = {}
+        self.pending: dict[str, _Pending] = {}
+        self._ids = itertools.count(101)
+
+    def connect(self, site: FakeSite) -> int:
+        nid = next(self._ids)
+        self.nodes[nid] = site
+        return nid
+
+    def disconnect(self, site: str) -> None:
+        for nid in [n for n, s in self.nodes.items() if s.name == site]:
+            del self.nodes[nid]
+
+    # -- the Grid API ---------------------------------------------------------------------
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def push_messages(self, msgs: list[Message]) -> list[str]:
+        ids = []
+        for msg in msgs:
+            if msg.metadata.dst_node_id not in self.nodes:
+                ids.append("")
+                continue
+            mid = uuid.uuid4().hex
+            msg.metadata.__dict__["_message_id"] = mid
+            self.pending[mid] = _Pending(msg, msg.metadata.dst_node_id, time.time())
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        out = []
+        for mid in ids:
+            p = self.pending.get(mid)
+            if p is None or p.node not in self.nodes:
+                continue  # a dead node never answers
+            reply = self._answer(self.nodes[p.node], p)
+            if reply is not None:
+                del self.pending[mid]
+                out.append(reply)
+        return out
+
+    # -- the fake SuperNode -----------------------------------------------------------------
+    def _answer(self, site: FakeSite, p: _Pending) -> Message | None:
+        if p.msg.metadata.message_type == "query":
+            info = SiteInfo(site=site.name, device="cpu", gpus=0)
+            return Message(info.to_record(), reply_to=p.msg)
+        order = TrainOrder.from_message(p.msg)
+        stop = self.sig.stop_reason(site.name)
+        now = time.time()
+        if stop is None and now < order.deadline_wall:
+            return None  # still "training"
+        site.orders.append(order)
+        steps = max(1, int((min(now, order.deadline_wall) - p.started) / STEP_S))
+        state = decode_state(p.msg.content["model"])
+        state = {k: v + site.delta if v.is_floating_point() else v for k, v in state.items()}
+        loss = 6.0 - 0.001 * (order.global_step + steps)
+        if site.bad == "nan":
+            loss = float("nan")
+        elif site.bad == "shape":
+            name = next(k for k, v in state.items() if v.is_floating_point())
+            state[name] = torch.zeros(3, 3)
+        site.bad = ""
+        report = TrainReport(
+            site=site.name,
+            tokens=steps * STEP_TOKENS,
+            steps=steps,
+            loss=loss,
+            energy_j=None,
+            cropped_tokens=0,
+            consumed=_read_all(order.assignment),
+            intervals=[(p.started, min(now, order.deadline_wall))],
+            stopped_by="stop" if stop is not None else "deadline",
+            start_step=order.global_step,
+            end_step=order.global_step + steps,
+            losses=[loss] * steps,
+        )
+        model = encode_state(state, transfer_dtype(order.transfer_dtype))
+        return Message(report.to_record(model), reply_to=p.msg)
+
+
+def _read_all(assignment: dict) -> dict[str, int]:
+    """Every row of the lease read: chunk key -> its end row."""
+    return {chunk_key(c[0], c[1]): int(c[2]) for c in assignment["chunks"]}
