@@ -1,4 +1,4 @@
-"""End to end on two real control planes with real SuperNodes (``make test-k8s-e2e``; ~6 min
+"""End to end on two real control planes with real SuperNodes (``make test-k8s-e2e``; ~7 min
 here, so outside the default run): the cpu-demo curtailment run (`curtail-llm up`: Valkey,
 SuperLink, ServerApp, energy simulation on the bundled trace) with the Kubernetes
 provisioner. The operator (as its own ServiceAccount, one per cluster) turns each SitePool
@@ -9,11 +9,20 @@ kubeconfig and namespace in the sites config); Texas and Australia in the first.
 The run goes PAUSE -> LOCAL -> FEDERATED -> LOCAL, and a ``kubectl scale --replicas=0`` of
 Texas in the middle of a federated round still delivers its partial reply (the preStop drain),
 which the round's aggregate counts.
+
+Paced for a busy 2-core box: a TRAIN takes 10-30 s wall there from message to first step, and
+the drain (scale -> operator -> StatefulSet -> kubelet -> preStop hook -> stop key) several
+more. So the trace is replayed at the demo's own 96x (not faster), federated rounds last two
+simulated hours (75 s wall, not 37 s), and the scale waits, on the run's events and Redis, for
+a round in which both sites train, Texas has stepped since its TRAIN, and at least
+``MIN_LEFT_S`` wall seconds are left before the round's deadline and Texas's window close.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import re
 import secrets
@@ -22,7 +31,9 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -35,7 +46,11 @@ from pilot.k8s.client import path
 pytestmark = [pytest.mark.k8s_e2e, pytest.mark.timeout(900)]
 
 RUN = "k8s-e2e"
-SPEEDUP = "120"  # as tests/test_e2e_demo.py: the demo's span in ~270 s wall
+SPEEDUP = "72"  # slower than the demo's 96x: its federated overlaps last longer in wall s
+HOURS = "7"  # ... over the first 7 h of its trace (to 22:02, California alone): ~350 s wall
+ROUND_MIN_S = 7200  # a FEDERATED round (simulated s): 75 s wall, well past a TRAIN's start-up
+MIN_LEFT_S = 25.0  # wall s the scale leaves before Texas must stop anyway: the drain's path
+# and the step in progress (the deadline is checked before the stop key)
 GRACE_S = 90  # the pods' grace period: covers the drain of a CPU step on a busy box
 POOLS = {"texas": "a", "australia": "a", "california": "b"}  # site -> cluster
 
@@ -137,10 +152,14 @@ def e2e(cluster, tmp_path_factory) -> Iterator[dict]:
             f'k8s_namespace = "{sides["a"].ns}"\n'
             f'k8s_kubeconfig = "{sides["a"].superlink_kubeconfig}"\n'
         )
-        preset.write_text(re.sub(r'(?m)^provisioner = "subprocess".*\n', run, text))
+        text, n = re.subn(r'(?m)^provisioner = "subprocess".*\n', run, text)
+        text, m = re.subn(r"(?m)^round_min_s = \d+", f"round_min_s = {ROUND_MIN_S}", text)
+        assert n == m == 1, "configs/cpu-demo.toml changed: update the e2e's preset edits"
+        preset.write_text(text)
         argv = [sys.executable, "-m", "pilot.launch.cli", "up", "--preset", str(preset)]
         argv += ["--sites", str(sites), "--redis-url", url, "--port", str(sl_port)]
-        argv += ["--run-name", RUN, "--speedup", SPEEDUP, "--steps", "100000", "--no-live"]
+        argv += ["--run-name", RUN, "--speedup", SPEEDUP, "--hours", HOURS, "--steps", "100000"]
+        argv += ["--no-live"]
         argv += ["--timeout", "600"]
         out = (root / "launch.out").open("w")
         launch = subprocess.Popen(
@@ -155,7 +174,8 @@ def e2e(cluster, tmp_path_factory) -> Iterator[dict]:
         supernodes: dict[str, list[str]] = {}
         watcher = threading.Thread(target=_watch_supernodes, args=(sides, launch, supernodes))
         watcher.start()
-        scaled = _scale_texas_mid_federated_round(sides["a"], run_dir, launch, url)
+        closes = _window_closes(sites, "texas")
+        scaled = _scale_texas_mid_federated_round(sides["a"], run_dir, launch, url, closes)
         launch.wait(timeout=700)
         watcher.join(10)
         yield {
@@ -189,27 +209,97 @@ def _sites_toml(root: Path, sides: dict[str, Side]) -> Path:
     return out
 
 
+def _window_closes(sites: Path, site: str) -> list[float]:
+    """Trace instants (epoch s) that end a run of points below the threshold at ``site``: the
+    last point below before one at or above it, so the window has closed by the next point."""
+    doc = tomllib.loads(sites.read_text())
+    threshold = float(doc["policy"]["threshold"])
+    region = next(s["region"] for s in doc["sites"] if s["name"] == site)
+    points = []
+    with open(doc["trace"], newline="") as f:
+        for row in csv.DictReader(f):
+            t = datetime.fromisoformat(row["point_time"].replace("Z", "+00:00")).timestamp()
+            points.append((t, float(row[region]) < threshold))
+    return [a[0] for a, b in zip(points, points[1:], strict=False) if a[1] and not b[1]]
+
+
 def _scale_texas_mid_federated_round(
-    side: Side, run_dir: Path, launch: subprocess.Popen, url: str
+    side: Side, run_dir: Path, launch: subprocess.Popen, url: str, closes: list[float]
 ) -> dict:
-    """Once California has joined Texas's round and Texas trains, ``kubectl scale`` it to 0."""
+    """``kubectl scale`` Texas to 0 once a federated round has it stepping with California
+    training too and ``MIN_LEFT_S`` wall seconds before the round's deadline or Texas's window
+    close (a round that started too late to leave that is passed over for a later one).
+    Returns the round, the simulated instant of the scale and the round's deadline then."""
     import redis
 
-    r = redis.Redis.from_url(url, decode_responses=True)
+    from pilot.energy.clock import Clock
+    from pilot.infra.signals import Signals
 
-    def federated_round() -> dict | None:
+    sig = Signals(redis.Redis.from_url(url, decode_responses=True), RUN)
+    # round -> the furthest check it passed and the one it then lacked, for the failure
+    passed: dict[int, tuple[int, str]] = {}
+
+    def lacked(rnd: int, stage: int, what: str) -> None:
+        if stage >= passed.get(rnd, (-1, ""))[0]:
+            passed[rnd] = (stage, what)
+
+    def moment() -> dict | None:
         if launch.poll() is not None:
-            raise AssertionError(f"the run ended before a federated round (rc {launch.returncode})")
+            raise AssertionError(
+                f"the run ended (rc {launch.returncode}) before Texas stepped in a federated "
+                f"round with {MIN_LEFT_S} s left; what each round lacked: {passed}"
+            )
         events = _events(run_dir)
-        modes = [e["mode"] for e in events if e["kind"] == "mode"]
-        rounds = [e["round"] for e in events if e["kind"] == "round_start"]
-        power = [r.get(f"curtail:{RUN}:power:{site}") for site in ("texas", "california")]
-        if modes[-1:] != ["FEDERATED"] or power != ["train", "train"]:
+        modes = [e for e in events if e["kind"] == "mode"]
+        starts = [e for e in events if e["kind"] == "round_start"]
+        if not modes or not starts or modes[-1]["mode"] != "FEDERATED":
             return None
-        return {"round": rounds[-1]}
+        rnd = starts[-1]["round"]
+        mine = [e for e in events if e.get("round") == rnd and "t" in e]
+        if any(e["kind"] == "round_end" for e in mine):
+            return None
+        lacked(rnd, 0, "a TRAIN out to both sites")
+        # the TRAIN messages of the round: its start, then the joins (a resume after a pause)
+        sent = {
+            s: [
+                e
+                for e in mine
+                if (e["kind"] == "round_start" and s in e["sites"])
+                or (e["kind"] == "join" and e["site"] == s)
+            ]
+            for s in ("texas", "california")
+        }
+        if not sent["texas"] or not sent["california"]:
+            return None
+        lacked(rnd, 1, "Texas's latest TRAIN still out")
+        last = sent["texas"][-1]
+        # Texas's latest TRAIN still out: no reply, leave, drop or fault since
+        ended = ("train_interval", "leave", "drop", "fault")
+        if any(
+            e["kind"] in ended and e.get("site") == "texas" and e["wall"] >= last["wall"]
+            for e in mine
+        ):
+            return None
+        lacked(rnd, 2, "both sites training")
+        if [sig.power("texas"), sig.power("california")] != ["train", "train"]:
+            return None
+        # ... and stepping: a step of this round logged since the message went out
+        lacked(rnd, 3, "a step of Texas's since its TRAIN")
+        since = f"{math.floor(last['wall'] * 1000)}-0"
+        if not any(x.get("round") == rnd for x in sig.logs("texas", since=since)):
+            return None
+        # the round's deadline only shrinks (to round_min_s once it turns FEDERATED)
+        deadline_t = min(e["deadline_t"] for e in mine if e["kind"] in ("round_start", "join"))
+        clock = Clock.from_meta(sig.meta())
+        now_t = clock.sim_now()
+        close_t = min((c for c in closes if c > now_t), default=math.inf)
+        left_s = clock.to_wall(min(deadline_t, close_t) - now_t)
+        if left_s < MIN_LEFT_S:
+            lacked(rnd, 4, f"time: Texas stepping with only {left_s:.1f} s left")
+            return None
+        return {"round": rnd, "t": now_t, "deadline_t": deadline_t, "left_s": left_s}
 
-    found = wait_for(federated_round, 480, "a federated round with both sites training")
-    time.sleep(2)  # a few steps into Texas's work
+    found = wait_for(moment, 600, "Texas stepping in a federated round with time left")
     side.cluster.kubectl("-n", side.ns, "scale", "sitepool/texas", "--replicas=0")
     return found
 
@@ -267,9 +357,14 @@ def test_kubectl_scale_to_zero_mid_round_still_counts_the_partial_reply(e2e):
     events = _events(e2e["run_dir"])
     rnd = e2e["scaled"]["round"]
     agg = next(e for e in events if e["kind"] == "aggregate" and e["round"] == rnd)
-    assert "texas" in agg["sites"], agg
-    stopped = [e for e in events if e["kind"] == "train_interval" and e["site"] == "texas"]
-    assert stopped and stopped[-1]["stopped_by"] == "stop", stopped[-1:]
+    assert "texas" in agg["sites"], (e2e["scaled"], agg)
+    # Texas's work in that round that the scale cut short: it ended by the stop key, before
+    # the round's deadline
+    texas = [e for e in events if e["kind"] == "train_interval" and e["site"] == "texas"]
+    cut = [e for e in texas if e["round"] == rnd and e["start"] <= e2e["scaled"]["t"] <= e["end"]]
+    assert len(cut) == 1, (e2e["scaled"], texas)
+    assert cut[0]["stopped_by"] == "stop", (e2e["scaled"], cut[0])
+    assert cut[0]["end"] < e2e["scaled"]["deadline_t"], (e2e["scaled"], cut[0])
     assert not any(e["kind"] == "drop" and e.get("site") == "texas" for e in events)
     # the preStop hook drained it: the stop key was set by the pod, not by the ServerApp
     a = e2e["sides"]["a"].kubelet
