@@ -212,7 +212,7 @@ def test_a_bad_reply_is_dropped_its_data_released_and_the_rest_averaged(loop, ba
     assert end["dropped"] == ["beta"] and list(end["committed"]) != []
     agg = loop.until("the aggregate", _is("aggregate", round=r["round"]))
     assert agg["sites"] == ["alpha"]
-    assert all(torch.isfinite(v).all() for v in loop.strat.global_state.values())
+    assert all(torch.isfinite(v).all() for v in loop.strat.state.weights.values())
 
 
 def test_a_dead_node_is_dropped_at_once_and_its_new_node_trains_the_next_round(loop):
@@ -232,14 +232,14 @@ def test_a_restarted_server_resumes_from_its_checkpoint(loop):
     r1 = _start_alpha(loop)
     agg = loop.until("the first aggregate", _is("aggregate", round=r1["round"]))
     first = loop.strat
-    weights = {k: v.clone() for k, v in first.global_state.items()}
+    weights = {k: v.clone() for k, v in first.state.weights.items()}
     # the ServerApp dies (no shutdown): a new one on the same run dir picks the run up
     second = loop.begin()
     start = loop.events[-1]
     assert start["kind"] == "run_start" and start["resumed"] is True
-    assert second.global_step == agg["global_step"] == start["global_step"]
-    assert second.round_n == start["round"] > r1["round"]
-    assert all(torch.equal(weights[k], second.global_state[k]) for k in weights)
+    assert second.state.global_step == agg["global_step"] == start["global_step"]
+    assert second.state.round_n == start["round"] > r1["round"]
+    assert all(torch.equal(weights[k], second.state.weights[k]) for k in weights)
     r2 = loop.until("a round after the restart", _is("round_start", sites=["alpha"]))
     assert r2["round"] > r1["round"]
     first.validation.close()

@@ -149,32 +149,34 @@ def fed_run(tmp_path_factory, redis_url, demo_data, tokenizer_dir) -> dict:
         mp.setenv("CURTAIL_REDIS_URL", redis_url)  # the site job's stop key and step logs
         cfg = load_run_config({"preset": str(preset)})
         strat = ElasticStrategy(None, cfg, sig)
-        strat._init_model()
+        strat._load_state()
         ev = strat.events.emit
         ev("run_start", run=RUN, preset=str(preset), trace=str(tmp / "trace.csv"),
-           sites=str(tmp / "sites.toml"), threshold=100.0, t=T0)  # fmt: skip
+           sites=str(tmp / "sites.toml"), threshold=100.0, policy="forecast", t=T0)  # fmt: skip
         for site in ("alpha", "beta"):
             ev("provision_started", site=site, t=T0 + 600)
         for n in (1, 2):
-            strat.round_n = n
+            strat.state.round_n = n
             now = time.time()
-            r = Round(n=n, start_wall=now, deadline_wall=now + 600, base_step=strat.global_step)
+            r = Round(
+                n=n, start_wall=now, deadline_wall=now + 600, base_step=strat.state.global_step
+            )
             for site in ("alpha", "beta"):
-                lease = strat.ledger.assign(site, max_chunks=1)
-                job = Job(site, RUN, n, strat.global_step, r.deadline_wall, lease.to_dict(),
-                          cfg.train, str(demo_data), str(tokenizer_dir), str(tmp / site),
-                          max_steps=2, cpu_threads=1)  # fmt: skip
-                state, res = run_job(job, strat.global_state)
+                lease = strat.state.ledger.assign(site, max_chunks=1)
+                job = Job(RUN, n, strat.state.global_step, r.deadline_wall, lease.to_dict(),
+                          cfg.train, "fp32", str(demo_data), str(tokenizer_dir), max_steps=2,
+                          site=site, state_dir=str(tmp / site), cpu_threads=1)  # fmt: skip
+                state, res = run_job(job, strat.state.weights)
                 r.replies[site] = Reply(site, state, res.tokens, res.steps, res.loss, res.consumed)
                 ev("train_interval", site=site, start=T0 + 1800 * n, end=T0 + 1800 * n + 1500)
             strat.round = r
             strat._close_round()
         for site in ("alpha", "beta"):
-            ev("deprovision", site=site, t=T0 + 6000)
+            ev("deprovision", site=site, reason="run ended", t=T0 + 6000)
         strat.runlog.close()
     torch.set_num_threads(threads)
     sig.clear()
-    return {"dir": cfg.run_dir, "tokens": strat.tokens, "step": strat.global_step}
+    return {"dir": cfg.run_dir, "tokens": strat.state.tokens, "step": strat.state.global_step}
 
 
 def test_federated_run_loads_in_nanochat_with_the_same_loss_and_token_ids(

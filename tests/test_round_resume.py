@@ -4,8 +4,8 @@ one (in-memory replies, no Flower), and it reads on where it stopped."""
 import torch
 
 from pilot.control.data_ledger import Assignment, DataLedger
+from pilot.control.leases import unread_rest
 from pilot.control.rounds import Participant, Reply, Round
-from pilot.flower.loop import ElasticStrategy
 
 
 def reply(tokens: int, steps: int, loss: float, consumed: dict, w: float, stopped_by: str):
@@ -30,7 +30,7 @@ def test_a_paused_site_resumes_with_the_unread_rest_of_its_lease():
     paused = reply(100, 2, 6.0, {"0:0": 30, "0:1": 12}, 1.0, "stop")
     r.replies["texas"] = paused
     assert r.paused() == {"texas"} and r.pending() == []
-    rest = ElasticStrategy._resume_assignment(r, paused)
+    rest = unread_rest(r, paused)
     assert rest.chunks == [(0, 1, 30), (0, 2, 30)]
     assert rest.start_rows == {"0:1": 12, "0:2": 0}
     # the lease still covers both parts: the merged reply commits as one

@@ -82,7 +82,7 @@ def model_config(meta: dict, state: dict[str, torch.Tensor]) -> GPTConfig:
     """The GPTConfig the weights were trained with, checked against their keys and shapes."""
     if "model_config" in meta:  # the baseline records it
         cfg = GPTConfig(**meta["model_config"])
-    else:  # the ServerApp builds its model from [train], as strategy._init_model does
+    else:  # the ServerApp builds its model from [train], as ServerState.fresh does
         t = meta["train_config"]
         cfg = GPTConfig.from_depth(int(t["depth"]), int(t["vocab_size"]), int(t["sequence_len"]))
     with torch.device("meta"):

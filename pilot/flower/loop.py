@@ -34,22 +34,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from nanochat.paths import atomic_write_text, resolve
 from pilot.control.aggregate import (
     OuterOptimizer,
     ReplyError,
-    State,
     decode_state,
     encode_state,
     transfer_dtype,
     validate_state,
-    weighted_average,
 )
-from pilot.control.data_ledger import Assignment, DataLedger, LedgerError, chunk_key
+from pilot.control.data_ledger import Assignment, DataLedger, LedgerError
+from pilot.control.fleet import Fleet
+from pilot.control.leases import lease, unread_rest
 from pilot.control.rounds import Participant, Reply, Round
 from pilot.control.run_config import RunConfig, RunConfigError, runtime_api_address
+from pilot.control.server_state import CheckpointMismatch, ServerState
 from pilot.control.validation import RoundValidation, Validation
 from pilot.events.reader import load_events, loss_curve
 from pilot.flower.messages import MessageError, SiteInfo, TrainOrder, TrainReport
@@ -100,27 +99,13 @@ class ElasticStrategy:
             self.events,
             self.runlog,
         )
-        # model / optimizer / data state (checkpointed)
-        self.global_state: State = {}
-        self.outer = OuterOptimizer(cfg.outer, cfg.outer_lr, cfg.outer_momentum)
-        self.ledger: DataLedger | None = None
-        self.global_step = 0
-        self.tokens = 0
-        self.round_n = 0
+        # the checkpointed state (weights, outer optimizer, data ledger, counters, read rates):
+        # set by start(), from the checkpoint or fresh
+        self.state: ServerState | None = None
         # live state (not checkpointed)
-        self._scratch: State | None = None
         self._wire: tuple[int, Any] | None = None  # (round, encoded global ArrayRecord)
         self.round: Round | None = None
-        self.node_site: dict[int, str] = {}
-        self.site_node: dict[str, int] = {}
-        self.node_info: dict[str, dict] = {}  # site -> {"gpus", "device"} from its QUERY reply
-        self.queries: dict[str, tuple[int, float]] = {}  # msg id -> (node id, sent wall)
-        self.query_failed: dict[int, float] = {}  # node id -> wall time of failure
-        self.known_nodes: set[int] = set()
-        self.provisioned: set[str] = set()
-        self.complete: set[str] = set()  # provisioned and ready (provision_complete emitted)
-        self.leaving: dict[str, str] = {}  # site -> reason, stop requested, reply pending
-        self.rate: dict[str, float] = {}  # site -> rows read per wall second
+        self.fleet = Fleet(query_retry_s=QUERY_RETRY_S)  # which node is which site, who is up
         self.startup_s: float | None = None  # wall seconds from TRAIN push to first step
         self.last_signal_id = "$"
         self.last_mode: tuple | None = None
@@ -165,86 +150,40 @@ class ElasticStrategy:
             kubeconfig=self.cfg.k8s_kubeconfig,
         )
 
-    def _init_model(self) -> None:
+    def _load_state(self) -> bool:
+        """The run's state from its newest checkpoint (True), else a fresh one (False)."""
         from nanochat.dataset import chunk_table
-        from nanochat.gpt import GPT, GPTConfig
 
-        t = self.cfg.train
-        torch.manual_seed(int(t["seed"]))
-        model = GPT(
-            GPTConfig.from_depth(int(t["depth"]), int(t["vocab_size"]), int(t["sequence_len"]))
-        )
-        model.init_weights()
-        self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        data_dir = resolve(self.cfg.data_dir)
-        self.ledger = DataLedger(chunk_table(data_dir))
-
-    def _resume(self) -> bool:
-        """Restore the newest checkpoint of this run; False when there is none."""
-        from nanochat import checkpoint
-
-        path = checkpoint.latest(self.cfg.run_dir / "checkpoint")
-        if path is None:
+        outer = OuterOptimizer(self.cfg.outer, self.cfg.outer_lr, self.cfg.outer_momentum)
+        try:
+            loaded = ServerState.load(self.cfg.run_dir / "checkpoint", self.cfg.train, outer)
+        except CheckpointMismatch as e:
+            raise RunConfigError(str(e)) from None
+        if loaded is None:
+            ledger = DataLedger(chunk_table(resolve(self.cfg.data_dir)))
+            self.state = ServerState.fresh(self.cfg.train, outer, ledger)
             return False
-        model, optim, meta = checkpoint.load(path)
-        if meta.get("train_config") != self.cfg.train:
-            raise RunConfigError(
-                f"checkpoint {path} was trained with another [train] config; "
-                "resume with the same preset or use a new run name"
-            )
-        self.global_state = {
-            k: v.to(torch.float32) if v.is_floating_point() else v for k, v in model.items()
-        }
-        self.outer.load_state_dict(optim[0])
-        self.ledger = DataLedger.from_dict(meta["data_ledger"])
-        self.global_step, self.tokens = int(meta["step"]), int(meta["tokens"])
-        self.rate = {k: float(v) for k, v in meta.get("rates", {}).items()}
-        checkpoint.set_rng_state(meta["rng"])
-        # The round that was in flight when the previous server died is lost: end it so its
-        # ClientApps stop now, and never reuse its number.
-        self.round_n = int(meta["round"]) + 1
-        self.sig.end_round(self.round_n)
-        log.info(
-            "resumed %s: round %d, step %d, %d tokens",
-            path,
-            meta["round"],
-            self.global_step,
-            self.tokens,
-        )
+        self.state = loaded[0]
+        # ClientApps of the round that was in flight stop now; its number is never reused
+        self.sig.end_round(self.state.round_n)
         return True
 
     def _checkpoint(self) -> None:
-        from nanochat import checkpoint
-
-        assert self.ledger is not None
+        assert self.state is not None
         meta = {
-            "step": self.global_step,
-            "round": self.round_n,
-            "tokens": self.tokens,
             "run": self.cfg.name,
             "train_config": self.cfg.train,
-            "data_ledger": self.ledger.to_dict(),
             "carbon_ledger": self.carbon.to_dict(),
-            "rates": dict(self.rate),
-            "rng": checkpoint.rng_state(),
-            "wall": time.time(),
         }
-        checkpoint.save(
-            self.cfg.run_dir / "checkpoint",
-            self.global_state,
-            [self.outer.state_dict()],
-            meta,
-            keep=2,
-        )
+        self.state.save(self.cfg.run_dir / "checkpoint", meta)
         atomic_write_text(self.cfg.run_dir / "ledger.json", json.dumps(self.carbon.to_dict()))
 
     # -- main ---------------------------------------------------------------------------------
     def start(self) -> bool:
         """The run's state from its checkpoint (True) or fresh (False), its earlier
         incarnation's events replayed and its provisioned sites adopted; run_start emitted."""
-        resumed = self._resume()
-        if not resumed:
-            self._init_model()
+        resumed = self._load_state()
+        assert self.state is not None
         # An earlier incarnation of this run (killed, or died before its first checkpoint):
         # replaying its events rebuilds the carbon ledger up to the crash, including what
         # happened after the last checkpoint, and says which sites are still provisioned.
@@ -253,7 +192,7 @@ class ElasticStrategy:
                 self.carbon.observe(ev)
         for site in sorted(set(self.carbon.open) & set(self.sites.names)):
             self.provisioner.start(site)  # adopts the running node, or restarts it
-            self.provisioned.add(site)
+            self.fleet.provision(site)
         for site in self.sites.names:
             self.sig.clear_stop(site)
         meta = self.sig.meta()
@@ -269,8 +208,8 @@ class ElasticStrategy:
             sim_start=meta.get("sim_start"),
             speedup=self.clock.speedup,
             resumed=resumed,
-            round=self.round_n,
-            global_step=self.global_step,
+            round=self.state.round_n,
+            global_step=self.state.global_step,
             outer=self.cfg.outer,
             transfer_dtype=self.cfg.transfer_dtype,
         )
@@ -295,10 +234,10 @@ class ElasticStrategy:
         return reason
 
     def _end_reason(self) -> str | None:
-        assert self.ledger is not None
-        if self.ledger.exhausted:
+        assert self.state is not None
+        if self.state.ledger.exhausted:
             return "data"
-        if self.global_step >= self.cfg.num_iterations:
+        if self.state.global_step >= self.cfg.num_iterations:
             return "steps"
         return SIM_ENDS.get(self.sig.status() or "")
 
@@ -315,12 +254,7 @@ class ElasticStrategy:
         self._wait()
 
     def _wait(self) -> None:
-        busy = (
-            self.round is not None
-            or self.queries
-            or self.leaving
-            or any(s not in self.site_node for s in self.provisioned)
-        )
+        busy = self.round is not None or self.fleet.waiting()
         block_ms = int(self.cfg.poll_s * 1000) if busy else IDLE_BLOCK_MS
         self.last_signal_id, _ = self.sig.wait_signals(self.last_signal_id, block_ms=block_ms)
 
@@ -328,15 +262,12 @@ class ElasticStrategy:
     def _poll_nodes(self) -> None:
         from flwr.app import Message, RecordDict
 
-        now = time.time()
-        ids = set(self.grid.get_node_ids())
-        for nid in sorted(self.known_nodes - ids):
-            self._node_gone(nid)
-        fresh = [
-            nid
-            for nid in sorted(ids - self.known_nodes)
-            if now - self.query_failed.get(nid, -math.inf) >= QUERY_RETRY_S
-        ]
+        now, on_grid = time.time(), set(self.grid.get_node_ids())
+        for nid in self.fleet.vanished(on_grid):
+            site = self.fleet.gone(nid)
+            if site is not None and self.round is not None and site in self.round.pending():
+                self._drop(site, "node disconnected")
+        fresh = self.fleet.to_ask(on_grid, now)
         if not fresh:
             return
         msgs = [
@@ -344,48 +275,29 @@ class ElasticStrategy:
         ]
         for nid, mid in zip(fresh, self.grid.push_messages(msgs), strict=True):
             if mid:
-                self.queries[mid] = (nid, now)
-                self.known_nodes.add(nid)
-
-    def _node_gone(self, nid: int) -> None:
-        self.known_nodes.discard(nid)
-        site = self.node_site.pop(nid, None)
-        if site is None or self.site_node.get(site) != nid:
-            return
-        del self.site_node[site]
-        self.complete.discard(site)
-        if self.round is not None and site in self.round.pending():
-            self._drop(site, "node disconnected")
+                self.fleet.asked(nid, mid, now)
 
     def _on_query_reply(self, nid: int, msg: Any) -> None:
-        if msg.has_error():
-            self.known_nodes.discard(nid)
-            self.query_failed[nid] = time.time()
-            self.events.emit("fault", error=f"QUERY to node {nid} failed: {msg.error.reason}")
-            return
         try:
+            if msg.has_error():
+                raise MessageError(f"QUERY failed: {msg.error.reason}")
             info = SiteInfo.from_message(msg)
         except (MessageError, KeyError) as e:
-            self.known_nodes.discard(nid)
-            self.query_failed[nid] = time.time()
-            self.events.emit("fault", error=f"bad QUERY reply from node {nid}: {e}")
+            self.fleet.query_failed_at(nid, time.time())
+            self.events.emit("fault", error=f"node {nid}: {e}")
             return
-        site = info.site
-        if site not in self.sites.names:
+        if info.site not in self.sites.names:
             self.events.emit(
                 "fault",
-                error=f"node {nid} says it is site {site!r}, which is not in {self.cfg.sites_file}",
-                site=site,
+                error=f"node {nid} says it is site {info.site!r}, which is not in "
+                f"{self.cfg.sites_file}",
+                site=info.site,
             )
             return
-        old = self.site_node.get(site)
-        if old is not None and old != nid:
-            self.node_site.pop(old, None)  # a restarted node replaces its stale registration
-        self.node_site[nid], self.site_node[site] = site, nid
-        self.node_info[site] = {"gpus": info.gpus, "device": info.device}
+        self.fleet.map(nid, info.site, info.gpus, info.device)
 
     def _pull(self) -> None:
-        ids = list(self.queries)
+        ids = list(self.fleet.queries)
         if self.round is not None:
             ids += [
                 p.msg_id for s, p in self.round.participants.items() if s in self.round.pending()
@@ -394,35 +306,27 @@ class ElasticStrategy:
             return
         for msg in self.grid.pull_messages(ids):
             mid = msg.metadata.reply_to_message_id
-            if mid in self.queries:
-                nid, _ = self.queries.pop(mid)
+            nid = self.fleet.answered(mid)
+            if nid is not None:
                 self._on_query_reply(nid, msg)
             elif self.round is not None:
                 for site, p in self.round.participants.items():
                     if p.msg_id == mid and site in self.round.pending():
                         self._on_train_reply(site, msg)
                         break
-        now = time.time()
-        for mid, (nid, sent) in list(self.queries.items()):
-            if now - sent > 120:  # never answered (node died before replying): ask again later
-                del self.queries[mid]
-                self.known_nodes.discard(nid)
+        self.fleet.expire_queries(time.time())
 
     # -- policy and provisioning ---------------------------------------------------------------
     def _ready(self, status: dict[str, str]) -> set[str]:
-        """Sites that can train: node connected and mapped, provisioning over (a provisioner
-        reports "provisioning" until the site's modelled start-up delay has passed), not
-        leaving. Provisioned sites that became ready are announced (provision_complete)."""
-        ready = {
-            s for s in self.site_node if s not in self.leaving and status.get(s) != "provisioning"
-        }
-        for site in sorted((ready & self.provisioned) - self.complete):
-            self.complete.add(site)
+        """Sites that can train (a provisioner reports "provisioning" until the site's modelled
+        start-up delay has passed); provisioned sites that became ready are announced."""
+        ready = self.fleet.ready(status)
+        for site in self.fleet.newly_ready(ready):
             self.events.emit(
                 "provision_complete",
                 site=site,
-                node_id=self.site_node[site],
-                **self.node_info[site],
+                node_id=self.fleet.site_node[site],
+                **self.fleet.node_info[site],
             )
         return ready
 
@@ -448,18 +352,18 @@ class ElasticStrategy:
         return decision
 
     def _provision(self, decision, status: dict[str, str]) -> None:
-        for site in sorted(self.provisioned):
+        for site in sorted(self.fleet.provisioned):
             if status.get(site, "").startswith("failed"):
                 self._replace_node(site, status[site])
-        for site in sorted(decision.provision - self.provisioned):
+        for site in sorted(decision.provision - self.fleet.provisioned):
             reason = decision.reasons.get(site, "")
             self.events.emit("provision_decided", site=site, reason=reason)
             self.sig.clear_stop(site)
             self.provisioner.start(site)
-            self.provisioned.add(site)
+            self.fleet.provision(site)
             self.events.emit("provision_started", site=site, reason=reason)
-        for site in sorted(self.provisioned - decision.provision):
-            if site in self.leaving:
+        for site in sorted(self.fleet.provisioned - decision.provision):
+            if site in self.fleet.leaving:
                 continue
             reason = decision.reasons.get(site, "released")
             if self.round is not None and site in self.round.pending():
@@ -477,12 +381,9 @@ class ElasticStrategy:
             self.events.emit("fault", error=why, site=site)
         # the dead node's id may linger on the Grid until its heartbeat expires: no more
         # work for it; the new node is mapped by its QUERY reply
-        stale = self.site_node.pop(site, None)
-        if stale is not None:
-            self.node_site.pop(stale, None)
-        self.complete.discard(site)
+        self.fleet.unmap(site)
         self.provisioner.stop(site, drain=False)
-        if site in self.provisioned:  # _drop may have deprovisioned a leaving site
+        if site in self.fleet.provisioned:  # _drop may have deprovisioned a leaving site
             self.provisioner.start(site)
 
     def _request_leave(self, site: str, reason: str, warm: bool = False) -> None:
@@ -490,27 +391,25 @@ class ElasticStrategy:
         the policy keeps it provisioned (idle), so it may resume in this round."""
         assert self.round is not None
         self.sig.request_stop(site, reason, ttl_s=self.cfg.stop_ttl_s)
-        self.leaving[site] = reason
+        self.fleet.leave(site, reason)
         self.events.emit("leave", site=site, round=self.round.n, reason=reason, warm=warm)
 
     def _left(self, site: str) -> None:
         """A leaving site's reply is in (or it was dropped): no longer leaving. The next
         ``_provision`` releases it unless the policy keeps it warm."""
-        self.leaving.pop(site, None)
+        self.fleet.left(site)
 
     def _deprovision(self, site: str, reason: str) -> None:
         self.provisioner.stop(site, drain=True)
-        self.provisioned.discard(site)
-        self.complete.discard(site)
-        self.leaving.pop(site, None)
-        # The node mapping goes when the node leaves the Grid (_node_gone): a hand-started
-        # node (provisioner "none") stays connected and can be given work again later.
+        self.fleet.deprovision(site)
         self.sig.clear_stop(site)
         self.events.emit("deprovision", site=site, reason=reason)
 
     # -- rounds -------------------------------------------------------------------------------
     def _drive_round(self, decision) -> None:
-        trainable = {s for s in decision.train if s in self.site_node and s not in self.leaving}
+        trainable = {
+            s for s in decision.train if s in self.fleet.site_node and s not in self.fleet.leaving
+        }
         if self.round is None:
             if trainable and self._end_reason() is None:
                 self._open_round(trainable, decision)
@@ -523,7 +422,7 @@ class ElasticStrategy:
         # leaves: still training but no longer in the train set (above the threshold: warm
         # while the policy keeps the site provisioned; window closed: released after)
         for site in r.pending():
-            if site not in decision.train and site not in self.leaving:
+            if site not in decision.train and site not in self.fleet.leaving:
                 warm = site in decision.provision
                 self._request_leave(site, decision.reasons.get(site, "window closed"), warm)
         # joins: ready mid-round, with at least join_min_s of training left once the
@@ -532,7 +431,7 @@ class ElasticStrategy:
         remaining = r.deadline_wall - now - (self.startup_s or 0.0)
         joiners = sorted(s for s in trainable if s not in r.participants or s in r.paused())
         if joiners and remaining >= self.clock.to_wall(self.cfg.join_min_s):
-            active = [s for s in r.pending() if s not in self.leaving]
+            active = [s for s in r.pending() if s not in self.fleet.leaving]
             if len(active) + len(joiners) >= 2:
                 # the round becomes FEDERATED: sync after round_min_s, not round_max_s
                 r.deadline_wall = min(
@@ -553,13 +452,13 @@ class ElasticStrategy:
             if now > due + self.cfg.reply_grace_s:
                 self._drop(site, f"no reply {self.cfg.reply_grace_s:.0f} s after the deadline")
         # everyone replied (or was dropped) and no warm site may resume before the deadline
-        if not r.pending() and (now >= r.deadline_wall or not r.paused() & self.provisioned):
+        if not r.pending() and (now >= r.deadline_wall or not r.paused() & self.fleet.provisioned):
             self._close_round()
 
     def _open_round(self, sites: set[str], decision) -> None:
         from pilot.control.policy import Mode
 
-        self.round_n += 1
+        self.state.round_n += 1
         now = time.time()
         length = (
             self.cfg.round_min_s
@@ -567,17 +466,17 @@ class ElasticStrategy:
             else self.cfg.round_max_s
         )
         self.round = Round(
-            n=self.round_n,
+            n=self.state.round_n,
             start_wall=now,
             deadline_wall=now + self.clock.to_wall(length),
-            base_step=self.global_step,
+            base_step=self.state.global_step,
         )
         self.events.emit(
             "round_start",
-            round=self.round_n,
+            round=self.state.round_n,
             sites=sorted(sites),
             deadline_t=self.clock.sim_now(self.round.deadline_wall),
-            global_step=self.global_step,
+            global_step=self.state.global_step,
             mode=str(Mode.of(len(sites))),
         )
         self._send_train(self.round, sorted(sites), joined=False)
@@ -586,23 +485,21 @@ class ElasticStrategy:
 
     def _global_record(self, r: Round):
         if self._wire is None or self._wire[0] != r.n:
-            self._wire = (r.n, encode_state(self.global_state, self.dtype))
+            self._wire = (r.n, encode_state(self.state.weights, self.dtype))
         return self._wire[1]
 
     def _assign(self, site: str, train_s: float, world: int | None = None) -> Assignment:
-        """Lease data to ``site`` for ``train_s`` wall seconds of training: for the whole site
-        (one chunk per GPU at least), or for one of its ``world`` ranks (a refill)."""
-        assert self.ledger is not None
+        assert self.state is not None
         readers = max(1, len(self.sites.site(site).gpus)) if world is None else 1
-        rate = self.rate.get(site)
-        if rate is None:  # first TRAIN of this site: a fixed number of chunks
-            max_chunks, max_rows = max(self.cfg.chunks_per_assignment, readers), None
-        else:  # enough rows for the time left at the measured read rate, with slack
-            max_chunks = self.ledger.num_chunks
-            share = rate / max(1, world or 1)
-            max_rows = math.ceil(share * max(0.0, train_s) * self.cfg.assignment_slack) + 1
-        return self.ledger.assign(
-            site, max_chunks=max_chunks, max_rows=max_rows, min_chunks=readers
+        return lease(
+            self.state.ledger,
+            site,
+            readers,
+            self.state.rates.get(site),
+            train_s,
+            self.cfg.chunks_per_assignment,
+            self.cfg.assignment_slack,
+            world,
         )
 
     def _serve_lease_requests(self) -> None:
@@ -619,7 +516,7 @@ class ElasticStrategy:
                 and r.n == req["round"]
                 and r.deadline_wall > now
                 and site in r.pending()
-                and site not in self.leaving
+                and site not in self.fleet.leaving
                 and site in self.sites.names
             )
             if not live:
@@ -649,7 +546,7 @@ class ElasticStrategy:
             # a paused site resumes from its own weights, at its own place in the schedule,
             # reading on where it stopped in the chunks it still holds
             before = r.replies.get(site)
-            assignment = self._resume_assignment(r, before) if before else Assignment(site)
+            assignment = unread_rest(r, before) if before else Assignment(site)
             if not assignment.chunks:
                 assignment = self._assign(site, r.deadline_wall - now - (self.startup_s or 0.0))
             if not assignment.chunks:
@@ -674,7 +571,7 @@ class ElasticStrategy:
             msgs.append(
                 Message(
                     content,
-                    dst_node_id=self.site_node[site],
+                    dst_node_id=self.fleet.site_node[site],
                     message_type="train",
                     group_id=str(r.n),
                     ttl=ttl,
@@ -686,7 +583,7 @@ class ElasticStrategy:
         for (site, assignment), mid in zip(planned, self.grid.push_messages(msgs), strict=True):
             if not mid:
                 if site not in r.replies:  # a failed resume keeps its lease for its reply
-                    self.ledger.release(site)
+                    self.state.ledger.release(site)
                 self.events.emit(
                     "fault", error="TRAIN message could not be pushed", site=site, round=r.n
                 )
@@ -695,7 +592,7 @@ class ElasticStrategy:
             if resumed:
                 r.earlier[site] = r.replies.pop(site)
             r.participants[site] = Participant(
-                site, self.site_node[site], mid, r.deadline_wall, assignment, joined, now
+                site, self.fleet.site_node[site], mid, r.deadline_wall, assignment, joined, now
             )
             if joined:
                 self.events.emit(
@@ -706,34 +603,20 @@ class ElasticStrategy:
                     resumed=resumed,
                 )
 
-    @staticmethod
-    def _resume_assignment(r: Round, before: Reply) -> Assignment:
-        """The unread rest of a paused site's lease (still leased to it until the round
-        closes), to resume with."""
-        prev = r.participants[before.site].assignment
-        out = Assignment(site=before.site)
-        for chunk in prev.chunks:
-            key = chunk_key(chunk[0], chunk[1])
-            at = max(prev.start_rows.get(key, 0), before.consumed.get(key, 0))
-            if at < chunk[2]:
-                out.chunks.append(chunk)
-                out.start_rows[key] = at
-        return out
-
     def _drop(self, site: str, why: str) -> None:
         """The site's work in this round is lost (its part before a pause included: the lease
         covers both); its rows return to the pool."""
-        assert self.round is not None and self.ledger is not None
+        assert self.round is not None and self.state is not None
         self.round.dropped.add(site)
         self.round.earlier.pop(site, None)
-        released = self.ledger.release(site)
+        released = self.state.ledger.release(site)
         self.events.emit(
             "fault", error=why, site=site, round=self.round.n, released_chunks=released
         )
         self._left(site)
 
     def _on_train_reply(self, site: str, msg: Any) -> None:
-        assert self.round is not None and self.ledger is not None
+        assert self.round is not None and self.state is not None
         r = self.round
         if msg.has_error():
             self._drop(site, f"TRAIN failed: {msg.error.reason}")
@@ -750,18 +633,18 @@ class ElasticStrategy:
 
     def _parse_reply(self, site: str, msg: Any) -> Reply:
         """Validate a TRAIN reply and record its energy; raises on anything unusable."""
-        assert self.round is not None and self.ledger is not None
+        assert self.round is not None and self.state is not None
         report = TrainReport.from_message(msg)
         # Energy was spent whether or not the weights are usable: account it first. A measured
         # total is shared among the reply's intervals by duration, so it is counted once.
         self._emit_intervals(site, report)
         report.check(site)
         state = decode_state(msg.content["model"])
-        validate_state(state, self.global_state, self.dtype)
-        new_rows = self.ledger.check(site, report.consumed)
+        validate_state(state, self.state.weights, self.dtype)
+        new_rows = self.state.ledger.check(site, report.consumed)
         total_s = sum(e - s for s, e in report.intervals)
         if new_rows > 0 and total_s > 0:
-            self.rate[site] = new_rows / total_s
+            self.state.rates[site] = new_rows / total_s
         if report.intervals:  # TRAIN pushed -> first step: process start, imports, model, data
             lag = report.intervals[0][0] - self.round.participants[site].sent_wall
             self.startup_s = lag if self.startup_s is None else 0.5 * (self.startup_s + lag)
@@ -803,25 +686,15 @@ class ElasticStrategy:
             )
 
     def _close_round(self) -> None:
-        assert self.round is not None and self.ledger is not None
+        assert self.round is not None and self.state is not None
         r = self.round
         replies = list(r.replies.values())
         worked = [rep for rep in replies if rep.tokens > 0]
-        loss = None
-        if worked:
-            weights = [float(rep.tokens) for rep in worked]
-            avg = weighted_average([rep.state for rep in worked], weights, out=self._scratch)
-            old = self.global_state
-            self.global_state = self.outer.step(old, avg)
-            # recycle buffers: the next average goes into whichever state is now free
-            self._scratch = old if self.global_state is avg else avg
-            self.global_step = r.base_step + max(rep.steps for rep in worked)
-            self.tokens += sum(rep.tokens for rep in worked)
-            loss = sum(rep.loss * w for rep, w in zip(worked, weights, strict=True)) / sum(weights)
+        loss = self.state.apply(replies, r.base_step)
         committed: dict[str, dict[str, list[int]]] = {}
         for rep in replies:  # rows read are consumed even when no full step ran
-            done = self.ledger.committed()
-            self.ledger.commit(rep.site, rep.consumed)
+            done = self.state.ledger.committed()
+            self.state.ledger.commit(rep.site, rep.consumed)
             committed[rep.site] = {k: [done[k], v] for k, v in rep.consumed.items() if v > done[k]}
         sites = sorted(r.replies)
         tokens = sum(rep.tokens for rep in worked)
@@ -844,11 +717,11 @@ class ElasticStrategy:
                 round=r.n,
                 loss=loss,
                 tokens=tokens,
-                global_step=self.global_step,
+                global_step=self.state.global_step,
                 sites=sorted(rep.site for rep in worked),  # the sites averaged
                 weights={rep.site: rep.tokens for rep in worked},
-                committed_rows=self.ledger.committed_rows,
-                total_rows=self.ledger.total_rows,
+                committed_rows=self.state.ledger.committed_rows,
+                total_rows=self.state.ledger.total_rows,
             )
         self.round = None
         self._checkpoint()
@@ -856,33 +729,33 @@ class ElasticStrategy:
         row = {
             "round": r.n,
             "t": now,
-            "global_step": self.global_step,
-            "tokens": self.tokens,
+            "global_step": self.state.global_step,
+            "tokens": self.state.tokens,
             "loss": loss,  # round-mean train loss (work-weighted), not the global model's
             "sites": len(sites),
-            "committed_rows": self.ledger.committed_rows,
+            "committed_rows": self.state.ledger.committed_rows,
             "cropped_tokens": cropped,
         }
-        job = Validation(r.n, now, self.global_step, self.tokens, row)
-        self.validation.after_round(job, self.global_state if worked else None)
+        job = Validation(r.n, now, self.state.global_step, self.state.tokens, row)
+        self.validation.after_round(job, self.state.weights if worked else None)
 
     # -- shutdown -----------------------------------------------------------------------------
     def _shutdown(self, reason: str) -> None:
         if self.round is not None:  # an error mid-round: nothing of it is committed
             for site in self.round.pending():
                 self.sig.request_stop(site, f"run ended: {reason}", ttl_s=self.cfg.stop_ttl_s)
-                if self.ledger is not None:
-                    self.ledger.release(site)
+                if self.state is not None:
+                    self.state.ledger.release(site)
             self.round = None
-        for site in sorted(self.provisioned):
+        for site in sorted(self.fleet.provisioned):
             self._deprovision(site, f"run ended: {reason}")
         self.provisioner.close()
         self.events.emit(
             "run_end",
             reason=reason,
-            global_step=self.global_step,
-            tokens=self.tokens,
-            round=self.round_n,
+            global_step=self.state.global_step,
+            tokens=self.state.tokens,
+            round=self.state.round_n,
         )
         atomic_write_text(self.cfg.run_dir / "ledger.json", json.dumps(self.carbon.to_dict()))
         self.events.export_csv()
