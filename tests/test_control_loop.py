@@ -14,6 +14,7 @@ import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
 from memgrid import FakeSite, MemGrid
+from sitesets import two_sites
 
 from pilot.control.run_config import load_run_config
 from pilot.flower.loop import ElasticStrategy
@@ -23,31 +24,7 @@ SPEEDUP = 1500.0  # simulated seconds per wall second
 HIGH, LOW = 300.0, 40.0
 T0 = 1_717_200_000.0
 
-SITES = """
-[policy]
-name = "forecast"  # ours: stops stepping as soon as MCI is above (held warm)
-threshold = 100.0
-enter_dwell_s = 0
-release_delay_s = 0
-min_window_s = 0
-horizon_s = 600
-
-[[sites]]
-name = "alpha"
-region = "RA"
-gpus = 0
-train_kw = 2.0
-idle_kw = 0.5
-provision_delay_s = 60
-
-[[sites]]
-name = "beta"
-region = "RB"
-gpus = 0
-train_kw = 2.0
-idle_kw = 0.5
-provision_delay_s = 60
-"""
+SITES = two_sites("forecast")  # ours: stops stepping once MCI is above (held warm)
 
 PRESET = """
 [launch]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sitesets import two_sites
 
 from nanochat import checkpoint
 from nanochat.dataloader import DataLoader
@@ -33,26 +34,7 @@ RUN = "export-test"
 T0 = 1_717_200_000.0  # trace start (sim seconds)
 SAMPLE = "Hello, world! The 2024 run trained 123 steps\n\tin curtailment windows. ünïcödé ✓"
 
-SITES = """
-trace = "trace.csv"
-[policy]
-name = "prototype"
-threshold = 100.0
-[[sites]]
-name = "alpha"
-region = "RA"
-gpus = 0
-train_kw = 2.0
-idle_kw = 0.5
-provision_delay_s = 0
-[[sites]]
-name = "beta"
-region = "RB"
-gpus = 0
-train_kw = 2.0
-idle_kw = 0.5
-provision_delay_s = 0
-"""
+SITES = two_sites("prototype", delay_s=0, head='trace = "trace.csv"')
 
 PRESET = """
 [launch]

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sitesets import two_sites
 
 from pilot.infra.procs import free_port
 
@@ -48,31 +49,7 @@ HIGH, LOW = 300.0, 40.0  # gCO2/kWh around the 100 threshold
 LEAVE_MARGIN_S = 15.0  # wall s a round must have left when alpha's window closes in it
 RUN = "itest"
 
-SITES = """
-[policy]
-name = "prototype"
-threshold = 100.0
-enter_dwell_s = 0
-release_delay_s = 0
-min_window_s = 0
-horizon_s = 600
-
-[[sites]]
-name = "alpha"
-region = "RA"
-gpus = 0
-train_kw = 2.0
-idle_kw = 0.5
-provision_delay_s = 60
-
-[[sites]]
-name = "beta"
-region = "RB"
-gpus = 0
-train_kw = 2.0
-idle_kw = 0.5
-provision_delay_s = 60
-"""
+SITES = two_sites("prototype")
 
 PRESET = """
 [launch]
