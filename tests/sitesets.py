@@ -25,3 +25,18 @@ release_delay_s = 0
 min_window_s = 0
 horizon_s = 600
 {sites}"""
+
+
+# A preset's head for a test run with hand-started (here: in-memory) nodes; str.format it with
+# sites, data, tok, runs and run, after appending the [run] knobs and [train].
+PRESET_HEAD = """
+[launch]
+sites = "{sites}"
+data_dir = "{data}"
+tokenizer_dir = "{tok}"
+runs_dir = "{runs}"
+
+[run]
+name = "{run}"
+provisioner = "none"
+"""

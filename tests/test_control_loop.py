@@ -14,7 +14,7 @@ import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
 from memgrid import FakeSite, MemGrid
-from sitesets import two_sites
+from sitesets import PRESET_HEAD, two_sites
 
 from pilot.control.run_config import load_run_config
 from pilot.flower.loop import ElasticStrategy
@@ -26,17 +26,7 @@ T0 = 1_717_200_000.0
 
 SITES = two_sites("forecast")  # ours: stops stepping once MCI is above (held warm)
 
-PRESET = """
-[launch]
-sites = "{sites}"
-data_dir = "{data}"
-tokenizer_dir = "{tok}"
-runs_dir = "{runs}"
-
-[run]
-name = "{run}"
-provisioner = "none"
-round_min_s = 600        # FEDERATED: 0.4 s wall
+PRESET = PRESET_HEAD + """round_min_s = 600        # FEDERATED: 0.4 s wall
 round_max_s = 900        # LOCAL: 0.6 s wall
 join_min_s = 60
 reply_grace_s = 1        # wall

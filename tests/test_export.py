@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sitesets import two_sites
+from sitesets import PRESET_HEAD, two_sites
 
 from nanochat import checkpoint
 from nanochat.dataloader import DataLoader
@@ -36,16 +36,7 @@ SAMPLE = "Hello, world! The 2024 run trained 123 steps\n\tin curtailment windows
 
 SITES = two_sites("prototype", delay_s=0, head='trace = "trace.csv"')
 
-PRESET = """
-[launch]
-sites = "{sites}"
-data_dir = "{data}"
-tokenizer_dir = "{tok}"
-runs_dir = "{runs}"
-[run]
-name = "{run}"
-provisioner = "none"
-[train]
+PRESET = PRESET_HEAD + """[train]
 depth = 2
 vocab_size = 1024
 sequence_len = 64
