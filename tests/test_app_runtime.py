@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_redis_command_keeps_the_password_in_a_private_file_and_out_of_the_terminal(tmp_path):
     env = {**os.environ, "CURTAIL_HOME": str(tmp_path)}
     env.pop("CURTAIL_REDIS_URL", None)
-    cli = [sys.executable, "-m", "pilot.launch.cli", "redis"]
+    cli = [sys.executable, "-m", "pilot.launch", "redis"]
     server = subprocess.Popen(
         cli, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

@@ -44,7 +44,7 @@ def demo_run(tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "pilot.launch.cli",
+            "pilot.launch",
             "up",
             "--preset",
             "cpu-demo",

@@ -59,7 +59,7 @@ def launch(args: list[str], tmp_path: Path, timeout: float = 60, **env: str):
     mark = uuid.uuid4().hex
     full_env = {**os.environ, MARK: mark, "CURTAIL_HOME": str(tmp_path / "home"), **env}
     res = subprocess.run(
-        [sys.executable, "-m", "pilot.launch.cli", *args, "--no-live"],
+        [sys.executable, "-m", "pilot.launch", *args, "--no-live"],
         cwd=REPO,
         env=full_env,
         capture_output=True,
@@ -241,7 +241,7 @@ def prepared_home(tmp_path_factory) -> Path:
     """A CURTAIL_HOME with the cpu-demo corpus and tokenizer, built by `curtail-llm prepare`."""
     home = tmp_path_factory.mktemp("prepared-home")
     res = subprocess.run(
-        [sys.executable, "-m", "pilot.launch.cli", "prepare", "--preset", "cpu-demo"],
+        [sys.executable, "-m", "pilot.launch", "prepare", "--preset", "cpu-demo"],
         cwd=REPO,
         env={**os.environ, "CURTAIL_HOME": str(home)},
         capture_output=True,
@@ -288,7 +288,7 @@ def _launch_until_a_supernode_runs(home: Path, run_name: str, *flags: str):
     mark = uuid.uuid4().hex
     env = {**os.environ, MARK: mark, "CURTAIL_HOME": str(home)}
     logs = home / "runs" / run_name / "logs"
-    argv = [sys.executable, "-m", "pilot.launch.cli", "--run-name", run_name, "--no-live"]
+    argv = [sys.executable, "-m", "pilot.launch", "--run-name", run_name, "--no-live"]
     proc = subprocess.Popen(
         [*argv, *NEAR_WINDOW, *flags],
         cwd=REPO,

@@ -102,7 +102,7 @@ def live_run(tmp_path_factory, demo_data, tokenizer_dir):
     data = {CA: [(t, HIGH) for t in grid], DE: [(t, HIGH) for t in grid]}
     mark, home = uuid.uuid4().hex, tmp / "home"
     run_dir = home / "runs" / "live"
-    argv = [sys.executable, "-m", "pilot.launch.cli", "up", "--preset", str(preset)]
+    argv = [sys.executable, "-m", "pilot.launch", "up", "--preset", str(preset)]
     argv += ["--run-name", "live", "--no-live", "--hours", "1", "--timeout", str(TIMEOUT_S - 30)]
     seen_cmdlines = []
     with ProviderServer(data, time.time) as server:

@@ -1,3 +1,3 @@
-from pilot.launch.cli import main
+from pilot.launch import main
 
-main()
+raise SystemExit(main())

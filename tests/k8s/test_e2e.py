@@ -116,7 +116,7 @@ def e2e(cluster, tmp_path_factory) -> Iterator[dict]:
     b_dir.mkdir()
     cluster_b = start_cluster(b_dir)
     env = {**os.environ, "CURTAIL_HOME": str(home)}
-    prepare = [sys.executable, "-m", "pilot.launch.cli", "prepare", "--preset", "cpu-demo"]
+    prepare = [sys.executable, "-m", "pilot.launch", "prepare", "--preset", "cpu-demo"]
     subprocess.run(prepare, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
     valkey = EmbeddedValkey(password=secrets.token_urlsafe(24))
     url = valkey.start().url
@@ -156,7 +156,7 @@ def e2e(cluster, tmp_path_factory) -> Iterator[dict]:
         text, m = re.subn(r"(?m)^round_min_s = \d+", f"round_min_s = {ROUND_MIN_S}", text)
         assert n == m == 1, "configs/cpu-demo.toml changed: update the e2e's preset edits"
         preset.write_text(text)
-        argv = [sys.executable, "-m", "pilot.launch.cli", "up", "--preset", str(preset)]
+        argv = [sys.executable, "-m", "pilot.launch", "up", "--preset", str(preset)]
         argv += ["--sites", str(sites), "--redis-url", url, "--port", str(sl_port)]
         argv += ["--run-name", RUN, "--speedup", SPEEDUP, "--hours", HOURS, "--steps", "100000"]
         argv += ["--no-live"]
