@@ -26,7 +26,9 @@ T0 = 1_717_200_000.0
 
 SITES = two_sites("forecast")  # ours: stops stepping once MCI is above (held warm)
 
-PRESET = PRESET_HEAD + """round_min_s = 600        # FEDERATED: 0.4 s wall
+PRESET = (
+    PRESET_HEAD
+    + """round_min_s = 600        # FEDERATED: 0.4 s wall
 round_max_s = 900        # LOCAL: 0.6 s wall
 join_min_s = 60
 reply_grace_s = 1        # wall
@@ -44,6 +46,7 @@ num_iterations = 100000
 eval_tokens = 0          # no background validation: the loop alone
 seed = 3
 """
+)
 
 
 class Loop:

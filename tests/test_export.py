@@ -36,7 +36,9 @@ SAMPLE = "Hello, world! The 2024 run trained 123 steps\n\tin curtailment windows
 
 SITES = two_sites("prototype", delay_s=0, head='trace = "trace.csv"')
 
-PRESET = PRESET_HEAD + """[train]
+PRESET = (
+    PRESET_HEAD
+    + """[train]
 depth = 2
 vocab_size = 1024
 sequence_len = 64
@@ -45,6 +47,7 @@ total_batch_size = 128
 num_iterations = 100
 seed = 3
 """
+)
 
 
 def nanochat_load(base_dir: Path) -> tuple[GPT, dict, object, torch.Tensor]:
