@@ -213,3 +213,16 @@ def test_a_restarted_server_resumes_from_its_checkpoint(loop):
     r2 = loop.until("a round after the restart", _is("round_start", sites=["alpha"]))
     assert r2["round"] > r1["round"]
     first.validation.close()
+
+
+def test_a_site_stopped_by_its_own_drain_is_not_resumed_and_its_work_counts(loop):
+    # a pod's preStop hook sets the stop key itself (kubectl scale to 0): the server did not
+    # pause the site, so it must not send it a resume its dying node would never answer
+    r1 = _start_alpha(loop)
+    loop.sig.request_stop("alpha", "drained by its pod", ttl_s=60)
+    part = loop.until("alpha's drained work", _is("train_interval", site="alpha"))
+    assert part["stopped_by"] == "stop" and part["round"] == r1["round"]
+    agg = loop.until("the aggregate", _is("aggregate", round=r1["round"]))
+    assert agg["sites"] == ["alpha"] and agg["weights"]["alpha"] > 0
+    between = loop.events[loop.events.index(part) : loop.events.index(agg)]
+    assert not [e for e in between if e["kind"] == "join"], between

@@ -29,6 +29,8 @@ def test_a_paused_site_resumes_with_the_unread_rest_of_its_lease():
     r.participants["texas"] = Participant("texas", 1, "m", 100.0, lease, False, 0.0)
     paused = reply(100, 2, 6.0, {"0:0": 30, "0:1": 12}, 1.0, "stop")
     r.replies["texas"] = paused
+    assert r.paused() == set()  # stopped, but not by the server's warm pause: it has left
+    r.warm.add("texas")  # the server stopped it warm
     assert r.paused() == {"texas"} and r.pending() == []
     rest = unread_rest(r, paused)
     assert rest.chunks == [(0, 1, 30), (0, 2, 30)]

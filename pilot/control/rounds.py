@@ -64,10 +64,13 @@ class Round:
     end_signalled: bool = False
     # a site's partial reply from before it paused (warm) and resumed in this round
     earlier: dict[str, Reply] = field(default_factory=dict)
+    # sites the server stopped warm in this round (kept provisioned): only these may resume;
+    # a site stopped by anyone else (a pod's preStop drain) has left the round
+    warm: set[str] = field(default_factory=set)
 
     def pending(self) -> list[str]:
         return [s for s in self.participants if s not in self.replies and s not in self.dropped]
 
     def paused(self) -> set[str]:
-        """Sites that stopped on our request and may resume in this round."""
-        return {s for s, rep in self.replies.items() if rep.stopped_by == "stop"}
+        """Sites that stopped on our warm request and may resume in this round."""
+        return {s for s, rep in self.replies.items() if rep.stopped_by == "stop" and s in self.warm}

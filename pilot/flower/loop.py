@@ -392,6 +392,8 @@ class ElasticStrategy:
         assert self.round is not None
         self.sig.request_stop(site, reason, ttl_s=self.cfg.stop_ttl_s)
         self.fleet.leave(site, reason)
+        if warm:
+            self.round.warm.add(site)
         self.events.emit("leave", site=site, round=self.round.n, reason=reason, warm=warm)
 
     def _left(self, site: str) -> None:
@@ -591,6 +593,7 @@ class ElasticStrategy:
             resumed = site in r.replies
             if resumed:
                 r.earlier[site] = r.replies.pop(site)
+                r.warm.discard(site)
             r.participants[site] = Participant(
                 site, self.fleet.site_node[site], mid, r.deadline_wall, assignment, joined, now
             )
