@@ -29,7 +29,7 @@ from pilot.energy.sources import open_sources
 from pilot.energy.sources.record import SignalRecord
 from pilot.energy.traces import Trace, load_trace, parse_time
 from pilot.infra.signals import Signals, connect, redact
-from pilot.launch.cli import trace_path
+from pilot.launch.plan import trace_path
 
 DEFAULT_SITES = Path(__file__).resolve().parent / "configs" / "sites.toml"
 LIVE_HOURS = 24 * 365.0  # a live run goes on until stopped

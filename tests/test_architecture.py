@@ -25,7 +25,6 @@ MAX_FUNCTION_LINES = 60
 # Still over the limits, each to be split (issue 14): a size may only shrink, and an entry
 # must go once its file or function is within the limit.
 OVERSIZE_FILES = {
-    "launch/cli.py": 896,
     "flower/loop.py": 788,
     "control/policy.py": 753,
     "energy/traces.py": 633,
@@ -37,8 +36,8 @@ OVERSIZE_FUNCTIONS = {
     "analysis/report.py:build": 123,
     "config/sites.py:parse_sites": 121,
     "analysis/simulate.py:main": 118,
-    "launch/cli.py:run_stack": 113,
-    "launch/cli.py:make_plan": 112,
+    "launch/stack.py:run_stack": 113,
+    "launch/plan.py:make_plan": 112,
     "control/policy.py:step": 105,
     "analysis/figure.py:timeline": 102,
     "analysis/simulate.py:run": 101,
@@ -48,7 +47,7 @@ OVERSIZE_FUNCTIONS = {
     "launch/cli.py:main": 71,
     "energy/traces.py:main": 65,
     "flower/loop.py:_send_train": 65,
-    "launch/cli.py:add_up_args": 65,
+    "launch/args.py:add_up_args": 65,
 }
 
 

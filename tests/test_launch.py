@@ -132,7 +132,7 @@ def test_children_get_their_own_process_group(tmp_path):
 def test_flwr_home_holds_only_the_local_deployment_connection(tmp_path):
     import tomllib
 
-    from pilot.launch.cli import CONNECTION, write_flwr_home
+    from pilot.launch.stack import CONNECTION, write_flwr_home
 
     home = write_flwr_home(tmp_path / "flwr", 12345)
     cfg = tomllib.loads((home / "config.toml").read_text())
@@ -141,7 +141,7 @@ def test_flwr_home_holds_only_the_local_deployment_connection(tmp_path):
 
 
 def test_child_env_carries_redis_url_only_in_its_env_var():
-    from pilot.launch.cli import ENV_REDIS, child_env
+    from pilot.launch.stack import ENV_REDIS, child_env
 
     env = child_env("redis://:pw@127.0.0.1:1/0", FLWR_HOME="/x")
     assert env[ENV_REDIS] == "redis://:pw@127.0.0.1:1/0"
@@ -152,7 +152,9 @@ def test_child_env_carries_redis_url_only_in_its_env_var():
 def test_run_config_values_round_trip_through_toml():
     import tomllib
 
-    from pilot.launch.cli import parse_value, toml_value
+    from pilot.launch.plan import parse_value
+
+    from pilot.launch.stack import toml_value
 
     for v in (3, 2.5, True, "cpu-demo", "a 'quoted' \"x\""):
         assert tomllib.loads(f"k = {toml_value(v)}")["k"] == v
@@ -172,7 +174,8 @@ def test_unknown_preset_names_the_available_ones(tmp_path):
 def test_preset_path_names_runs_after_its_file_and_security_flags_are_checked(
     tmp_path, monkeypatch
 ):
-    from pilot.launch.cli import LaunchError, make_plan, parse_args
+    from pilot.launch.errors import LaunchError
+    from pilot.launch.cli import make_plan, parse_args
 
     monkeypatch.setenv("CURTAIL_HOME", str(tmp_path))
     demo = REPO / "configs" / "cpu-demo.toml"
@@ -491,7 +494,8 @@ def test_live_table_renders_every_site_and_the_totals(redis_url):
 
 def test_reused_run_name_continues_the_replay_where_the_run_stopped(tmp_path):
     from pilot.energy.traces import parse_time, synthetic
-    from pilot.launch.cli import LaunchError, continue_replay
+    from pilot.launch.errors import LaunchError
+    from pilot.launch.plan import continue_replay
 
     trace = synthetic(["SPP_TX"], hours=24, seed=1)
     run_dir = tmp_path / "run"
@@ -509,7 +513,8 @@ def test_reused_run_name_continues_the_replay_where_the_run_stopped(tmp_path):
 
 
 def test_live_preset_needs_no_trace_and_runs_in_real_time(tmp_path, monkeypatch):
-    from pilot.launch.cli import LaunchError, make_plan, parse_args
+    from pilot.launch.errors import LaunchError
+    from pilot.launch.cli import make_plan, parse_args
 
     monkeypatch.setenv("CURTAIL_HOME", str(tmp_path))
     plan = make_plan(parse_args(["up", "--preset", "live-cpu", "--hours", "2"]))
