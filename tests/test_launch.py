@@ -153,7 +153,6 @@ def test_run_config_values_round_trip_through_toml():
     import tomllib
 
     from pilot.launch.plan import parse_value
-
     from pilot.launch.stack import toml_value
 
     for v in (3, 2.5, True, "cpu-demo", "a 'quoted' \"x\""):
@@ -174,8 +173,8 @@ def test_unknown_preset_names_the_available_ones(tmp_path):
 def test_preset_path_names_runs_after_its_file_and_security_flags_are_checked(
     tmp_path, monkeypatch
 ):
-    from pilot.launch.errors import LaunchError
     from pilot.launch.cli import make_plan, parse_args
+    from pilot.launch.errors import LaunchError
 
     monkeypatch.setenv("CURTAIL_HOME", str(tmp_path))
     demo = REPO / "configs" / "cpu-demo.toml"
@@ -513,8 +512,8 @@ def test_reused_run_name_continues_the_replay_where_the_run_stopped(tmp_path):
 
 
 def test_live_preset_needs_no_trace_and_runs_in_real_time(tmp_path, monkeypatch):
-    from pilot.launch.errors import LaunchError
     from pilot.launch.cli import make_plan, parse_args
+    from pilot.launch.errors import LaunchError
 
     monkeypatch.setenv("CURTAIL_HOME", str(tmp_path))
     plan = make_plan(parse_args(["up", "--preset", "live-cpu", "--hours", "2"]))

@@ -71,6 +71,15 @@ class Round:
     def pending(self) -> list[str]:
         return [s for s in self.participants if s not in self.replies and s not in self.dropped]
 
+    def resume(self, site: str) -> bool:
+        """``site`` goes on in this round (True) after its partial reply, which waits for the
+        rest of its work; False: a fresh participant."""
+        if site not in self.replies:
+            return False
+        self.earlier[site] = self.replies.pop(site)
+        self.warm.discard(site)
+        return True
+
     def paused(self) -> set[str]:
         """Sites that stopped on our warm request and may resume in this round."""
         return {s for s, rep in self.replies.items() if rep.stopped_by == "stop" and s in self.warm}

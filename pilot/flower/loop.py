@@ -590,10 +590,7 @@ class ElasticStrategy:
                     "fault", error="TRAIN message could not be pushed", site=site, round=r.n
                 )
                 continue
-            resumed = site in r.replies
-            if resumed:
-                r.earlier[site] = r.replies.pop(site)
-                r.warm.discard(site)
+            resumed = r.resume(site)
             r.participants[site] = Participant(
                 site, self.fleet.site_node[site], mid, r.deadline_wall, assignment, joined, now
             )
