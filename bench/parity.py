@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from nanochat.common import curtail_home  # noqa: E402
 from nanochat.dataloader import PACKINGS  # noqa: E402
+from nanochat.paths import curtail_home  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 from nanochat.train import TrainConfig  # noqa: E402
 from pilot.analysis import parity, schedule  # noqa: E402

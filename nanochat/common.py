@@ -8,8 +8,6 @@ import os
 import torch
 import torch.distributed as dist
 
-from nanochat.paths import curtail_home, resolve  # noqa: F401  (re-exported for the scripts)
-
 # Measured on the shared 2-core CI box (depth-2 model, 8x64 tokens, fwd+bwd): 1 thread 50 ms,
 # 2 threads 1090 ms. OpenMP workers spin-wait for each other, so with any other process on the
 # cores (tokenizer threads, a second DDP rank, other jobs) using every core collapses. Default:

@@ -32,8 +32,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import resolve
-from nanochat.paths import atomic_write
+from nanochat.paths import atomic_write, resolve
 
 SHARD_RE = re.compile(r"^shard_(\d{5})\.parquet$")
 # nanochat's pre-shuffled FineWeb-EDU (100B tokens in 1823 shards of ~100 MB, text column).

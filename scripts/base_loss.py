@@ -11,10 +11,11 @@ import sys
 import torch
 
 from nanochat import checkpoint
-from nanochat.common import device_setup, device_teardown, print0, resolve
+from nanochat.common import device_setup, device_teardown, print0
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import DatasetError
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.paths import resolve
 from nanochat.tokenizer import Tokenizer, TokenizerError
 from nanochat.train import evaluate_bpb
 

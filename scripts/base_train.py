@@ -18,9 +18,10 @@ from dataclasses import fields
 import torch
 
 from nanochat import checkpoint
-from nanochat.common import device_setup, device_teardown, print0, resolve
+from nanochat.common import device_setup, device_teardown, print0
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import DatasetError
+from nanochat.paths import resolve
 from nanochat.tokenizer import Tokenizer, TokenizerError
 from nanochat.train import TrainConfig, build_model, run, val_bpb
 

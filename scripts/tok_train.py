@@ -9,8 +9,8 @@ import argparse
 import sys
 import time
 
-from nanochat.common import resolve
 from nanochat.dataset import DatasetError, chunk_table, read_row_group, val_chunks
+from nanochat.paths import resolve
 from nanochat.tokenizer import Tokenizer, TokenizerError, iter_texts
 
 

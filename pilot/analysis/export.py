@@ -29,9 +29,8 @@ from typing import Any
 import torch
 
 from nanochat.checkpoint import CKPT_RE
-from nanochat.common import resolve
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.paths import atomic_write
+from nanochat.paths import atomic_write, resolve
 from nanochat.tokenizer import Tokenizer
 
 

@@ -52,7 +52,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from nanochat.common import resolve
+    from nanochat.paths import resolve
     from pilot.control.aggregate import decode_state, encode_state, transfer_dtype
     from pilot.flower.train_job import Job, run_job
 
