@@ -19,6 +19,7 @@ from sitesets import PRESET_HEAD, two_sites
 from pilot.control.run_config import load_run_config
 from pilot.flower.loop import ElasticStrategy
 from pilot.infra.signals import Signals, connect
+from pilot.provisioner.none import NoneProvisioner
 
 SPEEDUP = 1500.0  # simulated seconds per wall second
 HIGH, LOW = 300.0, 40.0
@@ -35,6 +36,9 @@ reply_grace_s = 1        # wall
 poll_s = 0.02
 chunks_per_assignment = 1
 wandb = "disabled"
+node_restarts = 2        # a crash loop: restarted at once, after 0.05 s, then released
+node_restart_backoff_s = 0.05
+node_failed_cooldown_s = 600
 
 [train]
 depth = 2
@@ -71,8 +75,8 @@ class Loop:
         self.halt = threading.Event()
         self.ticker = threading.Thread(target=self._publish_ticks, daemon=True)
 
-    def begin(self) -> ElasticStrategy:
-        self.strat = ElasticStrategy(self.grid, self.cfg, self.sig)
+    def begin(self, provisioner: NoneProvisioner | None = None) -> ElasticStrategy:
+        self.strat = ElasticStrategy(self.grid, self.cfg, self.sig, provisioner)
         self.strat.events.observers.append(self.events.append)
         self.strat.start()
         return self.strat
@@ -97,7 +101,7 @@ class Loop:
                     return self.events[i]
             if time.time() > deadline:
                 break
-            self.strat._tick()
+            self.strat.tick()
         kinds = [(e["kind"], e.get("site"), e.get("round")) for e in self.events[-30:]]
         raise AssertionError(f"no {what} within {timeout} s; last events: {kinds}")
 
@@ -106,7 +110,7 @@ class Loop:
         self.ticker.join(5)
         if self.strat is not None:
             self.strat.validation.close()
-            self.strat._shutdown("test")
+            self.strat.shutdown("test")
 
 
 def _is(kind: str, **fields) -> Callable[[dict], bool]:
@@ -121,7 +125,7 @@ def _is(kind: str, **fields) -> Callable[[dict], bool]:
 @pytest.fixture()
 def loop(tmp_path, redis_url, demo_data, tokenizer_dir, request, monkeypatch):
     # the run-end report (a child process, ~1.5 s) is the slow tests' to check
-    monkeypatch.setattr("pilot.flower.loop.write_report", lambda run_dir: None)
+    monkeypatch.setattr("pilot.flower.setup.write_report", lambda run_dir: None)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     run = f"loop-{request.node.name[:40]}"
     lp = Loop(tmp_path, redis_url, demo_data, tokenizer_dir, run)
@@ -182,7 +186,7 @@ def test_a_bad_reply_is_dropped_its_data_released_and_the_rest_averaged(loop, ba
     assert end["dropped"] == ["beta"] and list(end["committed"]) != []
     agg = loop.until("the aggregate", _is("aggregate", round=r["round"]))
     assert agg["sites"] == ["alpha"]
-    assert all(torch.isfinite(v).all() for v in loop.strat.state.weights.values())
+    assert all(torch.isfinite(v).all() for v in loop.strat.state.model.weights.values())
 
 
 def test_a_dead_node_is_dropped_at_once_and_its_new_node_trains_the_next_round(loop):
@@ -202,14 +206,14 @@ def test_a_restarted_server_resumes_from_its_checkpoint(loop):
     r1 = _start_alpha(loop)
     agg = loop.until("the first aggregate", _is("aggregate", round=r1["round"]))
     first = loop.strat
-    weights = {k: v.clone() for k, v in first.state.weights.items()}
+    weights = {k: v.clone() for k, v in first.state.model.weights.items()}
     # the ServerApp dies (no shutdown): a new one on the same run dir picks the run up
     second = loop.begin()
     start = loop.events[-1]
     assert start["kind"] == "run_start" and start["resumed"] is True
     assert second.state.global_step == agg["global_step"] == start["global_step"]
     assert second.state.round_n == start["round"] > r1["round"]
-    assert all(torch.equal(weights[k], second.state.weights[k]) for k in weights)
+    assert all(torch.equal(weights[k], second.state.model.weights[k]) for k in weights)
     r2 = loop.until("a round after the restart", _is("round_start", sites=["alpha"]))
     assert r2["round"] > r1["round"]
     first.validation.close()
@@ -226,3 +230,42 @@ def test_a_site_stopped_by_its_own_drain_is_not_resumed_and_its_work_counts(loop
     assert agg["sites"] == ["alpha"] and agg["weights"]["alpha"] > 0
     between = loop.events[loop.events.index(part) : loop.events.index(agg)]
     assert not [e for e in between if e["kind"] == "join"], between
+
+
+class CrashLoop(NoneProvisioner):
+    """Hand-started nodes, except that ``site``'s node dies as soon as it is started."""
+
+    def __init__(self, site: str, sites: list[str]):
+        super().__init__(sites)
+        self.site, self.starts = site, []
+
+    def start(self, site: str) -> None:
+        if site == self.site:
+            self.starts.append(time.time())
+
+    def status(self) -> dict[str, str]:
+        out = super().status()
+        if self.starts:
+            out[self.site] = "failed:exit 1"
+        return out
+
+
+def test_a_crash_looping_node_is_restarted_with_backoff_then_released_for_a_cooldown(loop):
+    prov = CrashLoop("alpha", ["alpha", "beta"])
+    loop.grid.connect(FakeSite("beta"))
+    loop.begin(prov)
+    loop.mci["alpha"] = LOW
+    loop.until("alpha's provisioning", _is("provision_started", site="alpha"))
+    faults = [loop.until(f"death {i}", _is("fault", site="alpha")) for i in range(3)]
+    assert "restarting it in 0 s" in faults[0]["error"]
+    assert "restart budget spent" in faults[2]["error"]
+    out = loop.until("alpha released", _is("deprovision", site="alpha"))
+    assert out["reason"] == "failed: restart budget spent"
+    assert len(prov.starts) == 3  # provisioned, restarted at once, restarted after the backoff
+    assert prov.starts[2] - prov.starts[1] >= 0.05
+    # cooling down: the policy still wants alpha, but it is not started again
+    until = time.time() + 1.0
+    while time.time() < until:
+        loop.strat.tick()
+    assert len(prov.starts) == 3
+    assert not [e for e in loop.events[loop.cursor :] if e["kind"] == "provision_started"]

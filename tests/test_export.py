@@ -99,10 +99,11 @@ def assert_tokenizer_matches(enc, token_bytes: torch.Tensor, tok: Tokenizer) -> 
 
 @pytest.fixture(scope="module")
 def fed_run(tmp_path_factory, redis_url, demo_data, tokenizer_dir) -> dict:
-    """Two aggregated rounds of alpha + beta, checkpointed by ElasticStrategy._close_round."""
+    """Two aggregated rounds of alpha + beta, checkpointed by ElasticStrategy.close_round."""
     from pilot.control.rounds import Reply, Round
     from pilot.control.run_config import load_run_config
-    from pilot.energy.traces import save_wide_csv, synthetic
+    from pilot.energy.synthetic import synthetic
+    from pilot.energy.traces import save_wide_csv
     from pilot.flower.loop import ElasticStrategy
     from pilot.flower.train_job import Job, run_job
     from pilot.infra.signals import Signals, connect
@@ -125,7 +126,7 @@ def fed_run(tmp_path_factory, redis_url, demo_data, tokenizer_dir) -> dict:
         mp.setenv("CURTAIL_REDIS_URL", redis_url)  # the site job's stop key and step logs
         cfg = load_run_config({"preset": str(preset)})
         strat = ElasticStrategy(None, cfg, sig)
-        strat._load_state()
+        strat.load_state()
         ev = strat.events.emit
         ev("run_start", run=RUN, preset=str(preset), trace=str(tmp / "trace.csv"),
            sites=str(tmp / "sites.toml"), threshold=100.0, policy="forecast", t=T0)  # fmt: skip
@@ -142,11 +143,11 @@ def fed_run(tmp_path_factory, redis_url, demo_data, tokenizer_dir) -> dict:
                 job = Job(RUN, n, strat.state.global_step, r.deadline_wall, lease.to_dict(),
                           cfg.train, "fp32", str(demo_data), str(tokenizer_dir), max_steps=2,
                           site=site, state_dir=str(tmp / site), cpu_threads=1)  # fmt: skip
-                state, res = run_job(job, strat.state.weights)
+                state, res = run_job(job, strat.state.model.weights)
                 r.replies[site] = Reply(site, state, res.tokens, res.steps, res.loss, res.consumed)
                 ev("train_interval", site=site, start=T0 + 1800 * n, end=T0 + 1800 * n + 1500)
-            strat.round = r
-            strat._close_round()
+            strat.rounds.round = r
+            strat.close_round()
         for site in ("alpha", "beta"):
             ev("deprovision", site=site, reason="run ended", t=T0 + 6000)
         strat.runlog.close()

@@ -1,7 +1,7 @@
 """The fleet's bookkeeping on plain values: node <-> site mapping, readiness, leaving, and the
 state each site is in."""
 
-from pilot.control.fleet import Fleet, SiteState
+from pilot.control.fleet import Fleet, RestartBudget, SiteState
 
 
 def test_a_site_goes_off_provisioning_ready_training_leaving_and_off_again():
@@ -50,3 +50,28 @@ def test_an_unanswered_or_failed_query_is_asked_again_later():
     assert f.vanished({2}) == []
     f.asked(1, "c", now=200.0)
     assert f.vanished(set()) == [1]
+
+
+def test_a_dead_node_is_restarted_at_once_then_with_doubling_waits_then_cools_down():
+    f = Fleet(budget=RestartBudget(restarts=3, window_s=100.0, backoff_s=2.0, cooldown_s=50.0))
+    f.provision("texas")
+    f.map(7, "texas", gpus=0, device="cpu")
+    assert f.died("texas", now=0.0) == 0.0 and f.restarting("texas")
+    assert f.state("texas", "stopped", False) == SiteState.FAILED
+    assert f.ready({"texas": "running"}) == set()  # not while its restart is pending
+    assert f.restarts_due(0.0) == ["texas"] and not f.restarting("texas")
+    assert f.died("texas", now=1.0) == 3.0  # the 2nd death: 2 s
+    assert f.restarts_due(2.0) == [] and f.restarts_due(3.0) == ["texas"]
+    assert f.died("texas", now=4.0) == 8.0  # the 3rd: 4 s
+    assert f.restarts_due(8.0) == ["texas"]
+    assert f.died("texas", now=9.0) is None  # one too many: released for the cool-down
+    assert not f.may_provision("texas", now=58.0) and f.may_provision("texas", now=59.0)
+    assert f.state("texas", "stopped", False, now=30.0) == SiteState.FAILED
+
+
+def test_deaths_older_than_the_window_do_not_count_against_the_budget():
+    f = Fleet(budget=RestartBudget(restarts=1, window_s=10.0))
+    f.provision("texas")
+    assert f.died("texas", now=0.0) == 0.0
+    assert f.died("texas", now=20.0) == 20.0  # the first death has left the window
+    assert f.died("texas", now=21.0) is None

@@ -1,10 +1,11 @@
-"""How much data a site is leased: sized by its measured read rate for the time it has, and
-what a site that paused mid-round still holds to resume with. Pure functions over the data
-ledger and a round."""
+"""How much data a site is leased: sized by its measured read rate for the time it has, what
+a site that paused mid-round still holds to resume with, and what a closing round commits.
+Pure functions over the data ledger and a round."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from pilot.control.data_ledger import Assignment, DataLedger, chunk_key
 from pilot.control.rounds import Reply, Round
@@ -43,4 +44,15 @@ def unread_rest(r: Round, before: Reply) -> Assignment:
         if at < chunk[2]:
             out.chunks.append(chunk)
             out.start_rows[key] = at
+    return out
+
+
+def commit(ledger: DataLedger, replies: Iterable[Reply]) -> dict[str, dict[str, list[int]]]:
+    """Commit every reply's rows read; returns the ranges made permanent, site -> chunk ->
+    ``[from, to)``, so exactly-once can be audited from the round's event alone."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for rep in replies:
+        done = ledger.committed()
+        ledger.commit(rep.site, rep.consumed)
+        out[rep.site] = {k: [done[k], v] for k, v in rep.consumed.items() if v > done[k]}
     return out

@@ -54,6 +54,13 @@ class RunConfig:
     assignment_slack: float = 1.5  # lease this many times the rows a site is expected to read
     stop_ttl_s: float = 3600.0  # WALL seconds a stop request stays in Redis
     node_stop_timeout_s: float = 10.0  # WALL seconds a SuperNode gets to exit on SIGTERM
+    # a dead SuperNode is restarted (the first at once, then after 2 s, 4 s, ...) at most
+    # node_restarts times in node_restart_window_s; one more death releases the site for
+    # node_failed_cooldown_s (all WALL seconds; pilot.control.fleet.RestartBudget)
+    node_restarts: int = 5
+    node_restart_window_s: float = 600.0
+    node_restart_backoff_s: float = 2.0
+    node_failed_cooldown_s: float = 600.0
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "curtail-llm"
 
@@ -149,6 +156,8 @@ def _validate(cfg: RunConfig) -> None:
             f"{cfg.preset}: need 0 < round_min_s <= round_max_s, got "
             f"{cfg.round_min_s}, {cfg.round_max_s}"
         )
+    if cfg.node_restarts < 0 or min(cfg.node_restart_window_s, cfg.node_restart_backoff_s) < 0:
+        raise RunConfigError(f"{cfg.preset}: [run] node_restart* values must be >= 0")
     if cfg.wandb not in ("disabled", "offline", "online"):
         raise RunConfigError(f"{cfg.preset}: [run] wandb must be disabled, offline or online")
     if cfg.provisioner not in KINDS:

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from pilot.control.aggregate import OuterOptimizer, State, weighted_average
+from pilot.control.aggregate import OuterOptimizer
 from pilot.control.data_ledger import DataLedger
+from pilot.control.global_model import GlobalModel
 from pilot.control.rounds import Reply
 
 log = logging.getLogger(__name__)
@@ -26,15 +27,12 @@ class CheckpointMismatch(ValueError):
 
 @dataclass
 class ServerState:
-    weights: State
-    outer: OuterOptimizer
+    model: GlobalModel
     ledger: DataLedger
     global_step: int = 0
     tokens: int = 0
     round_n: int = 0  # the last round opened (a restart opens the next one)
     rates: dict[str, float] = field(default_factory=dict)  # site -> rows read per wall s
-    # the buffer the next average is written into (recycled between rounds, not saved)
-    scratch: State | None = field(default=None, repr=False)
 
     @classmethod
     def fresh(cls, train: dict, outer: OuterOptimizer, ledger: DataLedger) -> ServerState:
@@ -49,25 +47,20 @@ class ServerState:
         )
         model.init_weights()
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return cls(weights, outer, ledger)
+        return cls(GlobalModel(weights, outer), ledger)
 
     def apply(self, replies: list[Reply], base_step: int) -> float | None:
         """Average the replies that trained (work-weighted by tokens) into the global model
         through the outer optimizer; returns the round-mean train loss (None: nothing
         trained). Every reply's rows are committed to the data ledger, trained on or not."""
         worked = [rep for rep in replies if rep.tokens > 0]
-        loss = None
-        if worked:
-            weights = [float(rep.tokens) for rep in worked]
-            avg = weighted_average([rep.state for rep in worked], weights, out=self.scratch)
-            old = self.weights
-            self.weights = self.outer.step(old, avg)
-            # recycle buffers: the next average goes into whichever state is now free
-            self.scratch = old if self.weights is avg else avg
-            self.global_step = base_step + max(rep.steps for rep in worked)
-            self.tokens += sum(rep.tokens for rep in worked)
-            loss = sum(rep.loss * w for rep, w in zip(worked, weights, strict=True)) / sum(weights)
-        return loss
+        if not worked:
+            return None
+        self.model.apply(worked)
+        self.global_step = base_step + max(rep.steps for rep in worked)
+        tokens = sum(rep.tokens for rep in worked)
+        self.tokens += tokens
+        return sum(rep.loss * rep.tokens for rep in worked) / tokens
 
     def save(self, directory: Path, meta: dict[str, Any]) -> None:
         """One checkpoint (weights, outer optimizer, everything else in its meta), the newest
@@ -85,7 +78,11 @@ class ServerState:
             "wall": time.time(),
         }
         checkpoint.save(
-            directory, self.weights, [self.outer.state_dict()], meta, keep=CHECKPOINTS_KEPT
+            directory,
+            self.model.weights,
+            [self.model.outer.state_dict()],
+            meta,
+            keep=CHECKPOINTS_KEPT,
         )
 
     @classmethod
@@ -107,11 +104,9 @@ class ServerState:
             )
         outer.load_state_dict(optim[0])
         checkpoint.set_rng_state(meta["rng"])
+        weights = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in model.items()}
         state = cls(
-            weights={
-                k: v.to(torch.float32) if v.is_floating_point() else v for k, v in model.items()
-            },
-            outer=outer,
+            model=GlobalModel(weights, outer),
             ledger=DataLedger.from_dict(meta["data_ledger"]),
             global_step=int(meta["step"]),
             tokens=int(meta["tokens"]),

@@ -1,0 +1,73 @@
+"""A site's TRAIN reply turned into what the server uses: its energy as ``train_interval``
+events (spent whether or not the weights are usable, so accounted first) and a validated
+``Reply`` to average. Anything unusable raises; the control loop drops the site's work."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from pilot.control.aggregate import decode_state, validate_state
+from pilot.control.data_ledger import DataLedger
+from pilot.control.rounds import Reply
+from pilot.events.reader import loss_curve
+from pilot.flower.messages import TrainReport
+
+LOSS_CURVE_POINTS = 64  # per-step losses of a reply, binned to this many for the events/figure
+
+
+def interval_events(
+    site: str, round_n: int, report: TrainReport, sim_time: Callable[[float], float]
+) -> list[dict[str, Any]]:
+    """One ``train_interval`` event's fields per span of the reply (a site that paused and
+    resumed has several), the loss curve and a measured energy shared out by duration, so the
+    total is counted once. ``sim_time`` maps a wall time to the run's simulated time."""
+    spans = report.intervals
+    total_s = sum(e - s for s, e in spans)
+    curve = loss_curve(report.losses, LOSS_CURVE_POINTS)
+    out, done = [], 0.0  # done: the share of the reply's training time before this span
+    for start, end in spans:
+        share = (end - start) / total_s if total_s > 0 else 1.0 / len(spans)
+        lo, hi = round(done * len(curve)), round((done + share) * len(curve))
+        done += share
+        out.append(
+            {
+                "site": site,
+                "round": round_n,
+                "start": sim_time(start),
+                "end": sim_time(end),
+                "tokens": report.tokens,
+                "steps": report.steps,
+                "loss": report.loss if report.steps else None,
+                "curve": curve[lo:hi],
+                "energy_j": report.energy_j * share if report.energy_j is not None else None,
+                "stopped_by": report.stopped_by,
+                "cropped_tokens": report.cropped_tokens,
+            }
+        )
+    return out
+
+
+def to_reply(
+    site: str, report: TrainReport, msg: Any, weights: dict, dtype: Any, ledger: DataLedger
+) -> tuple[Reply, int]:
+    """The reply's weights decoded and checked against the global model's, its rows against
+    the site's lease; returns the Reply and the rows it read that are new to the ledger.
+    Raises ``MessageError``/``ReplyError``/``LedgerError`` (all ValueErrors) on anything
+    unusable."""
+    report.check(site)
+    state = decode_state(msg.content["model"])
+    validate_state(state, weights, dtype)
+    new_rows = ledger.check(site, report.consumed)
+    reply = Reply(
+        site,
+        state,
+        report.tokens,
+        report.steps,
+        report.loss if report.loss is not None else math.nan,
+        report.consumed,
+        report.stopped_by,
+        report.cropped_tokens,
+    )
+    return reply, new_rows
