@@ -2,7 +2,7 @@
 
 Per chunk (default two days): synthesise an MCI trace for every site (excluded from the
 timing: it stands in for reading data), interpolate it at the ticks, build the forecast
-outlooks, and run the batch policy (pilot.control.policy.simulate_batch) carrying state across chunks.
+outlooks, and run the batch policy (pilot.control.batch.simulate_batch) carrying state across chunks.
 Each size runs in its own process so its peak RSS is its own. Scaling: the same work at
 several sizes; time per site-tick should stay flat (linear in sites x steps).
 
@@ -23,9 +23,11 @@ import time
 import numpy as np
 
 from pilot.control import policy as P
+from pilot.control.batch import simulate_batch
+from pilot.control.outlook import forecast_arrays
 from pilot.energy import forecast as F
 from pilot.energy import traces as T
-from pilot.energy.traces import synthetic
+from pilot.energy.synthetic import synthetic
 
 DAY_S = 86400.0
 
@@ -72,7 +74,7 @@ def run_one(
         t = time.perf_counter()
         fc = None
         if cfg.use_forecast:
-            fc = P.forecast_arrays(
+            fc = forecast_arrays(
                 F.make_forecaster(forecaster, trace),
                 trace,
                 regions,
@@ -84,9 +86,7 @@ def run_one(
             )
         t_fc += time.perf_counter() - t
         t = time.perf_counter()
-        res = P.simulate_batch(
-            cfg, delays, ticks, mci, fc, state, idle_kw=idle_kw, train_kw=train_kw
-        )
+        res = simulate_batch(cfg, delays, ticks, mci, fc, state, idle_kw=idle_kw, train_kw=train_kw)
         t_policy += time.perf_counter() - t
         state = res.state
         site_ticks += mci.size

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from pilot.config import sites
-from pilot.energy import carbon
-from pilot.energy.carbon import Interval, Ledger
+from pilot.energy import accounting
+from pilot.energy.accounting import Interval
+from pilot.energy.carbon import Ledger
 from pilot.energy.traces import Trace
 
 
@@ -32,15 +33,15 @@ A = Site("a", "A", train_kw=2.0, idle_kw=0.5)
 def test_constant_mci_energy_and_emissions_are_power_times_time():
     tr = LinearTrace([0, 7200], A=[200, 200])
     ivs = [Interval("a", 0, 3600, "train"), Interval("a", 3600, 5400, "idle")]
-    assert carbon.energy_kwh(ivs, A) == pytest.approx(2.0 + 0.25)
-    assert carbon.emissions_kg(ivs, tr, "A", A) == pytest.approx(2.25 * 200 / 1000)
+    assert accounting.energy_kwh(ivs, A) == pytest.approx(2.0 + 0.25)
+    assert accounting.emissions_kg(ivs, tr, "A", A) == pytest.approx(2.25 * 200 / 1000)
 
 
 def test_linear_ramp_is_integrated_exactly_by_the_midpoint_grid():
     # MCI = t/10 g/kWh; 1 kW over [0, 3600] -> mean MCI 180 -> 0.18 kg.
     tr = LinearTrace([0, 3600], A=[0, 360])
     s = Site("a", "A", 1.0, 0.0)
-    assert carbon.emissions_kg([Interval("a", 0, 3600, "train")], tr, "A", s) == pytest.approx(
+    assert accounting.emissions_kg([Interval("a", 0, 3600, "train")], tr, "A", s) == pytest.approx(
         0.18, rel=1e-12
     )
 
@@ -49,7 +50,7 @@ def test_interpolation_between_trace_points():
     # points 10 minutes apart, MCI = t g/kWh; [100, 160) at 1 kW -> mean 130 g/kWh over 1/60 h.
     tr = LinearTrace([0, 600], A=[0, 600])
     s = Site("a", "A", 1.0, 0.0)
-    got = carbon.emissions_kg([Interval("a", 100, 160, "train")], tr, "A", s)
+    got = accounting.emissions_kg([Interval("a", 100, 160, "train")], tr, "A", s)
     assert got == pytest.approx(130 / 60 / 1000, rel=1e-12)
 
 
@@ -57,9 +58,9 @@ def test_partial_grid_cells_at_both_interval_edges_count_only_their_length():
     tr = LinearTrace([0, 600], A=[100, 100])
     s = Site("a", "A", 1.0, 0.0)
     iv = [Interval("a", 30, 90, "train")]  # half of two 60 s cells
-    assert carbon.energy_kwh(iv, s) == pytest.approx(60 / 3600)
-    assert carbon.emissions_kg(iv, tr, "A", s) == pytest.approx(100 * 60 / 3600 / 1000)
-    idx, lo, hi = carbon.cells(np.array([30.0]), np.array([90.0]), 60)
+    assert accounting.energy_kwh(iv, s) == pytest.approx(60 / 3600)
+    assert accounting.emissions_kg(iv, tr, "A", s) == pytest.approx(100 * 60 / 3600 / 1000)
+    idx, lo, hi = accounting.cells(np.array([30.0]), np.array([90.0]), 60)
     assert lo.tolist() == [30, 60] and hi.tolist() == [60, 90]
 
 
@@ -69,8 +70,8 @@ def test_step_change_on_the_grid_is_exact_and_splits_the_curtailed_share():
     s = Site("a", "A", 1.0, 0.0)
     ivs = [Interval("a", 0, 7200, "train")]
     g_s = 100 * 3600 + 300 * 60 + 500 * 3540  # g·s per kW·h/3600
-    assert carbon.emissions_kg(ivs, tr, "A", s) == pytest.approx(g_s / 3600 / 1000, rel=1e-12)
-    assert carbon.curtailed_energy_share(ivs, tr, "A", s, threshold=200) == pytest.approx(0.5)
+    assert accounting.emissions_kg(ivs, tr, "A", s) == pytest.approx(g_s / 3600 / 1000, rel=1e-12)
+    assert accounting.curtailed_energy_share(ivs, tr, "A", s, threshold=200) == pytest.approx(0.5)
 
 
 def test_grid_resolution_kink_off_grid_uses_midpoint_rule_and_fine_grid_converges():
@@ -78,10 +79,10 @@ def test_grid_resolution_kink_off_grid_uses_midpoint_rule_and_fine_grid_converge
     tr = LinearTrace([0, 90, 180], A=[0, 90, 0])
     s = Site("a", "A", 3.6, 0.0)  # 3.6 kW makes kg = integral[g·s] / 1e6
     ivs = [Interval("a", 0, 180, "train")]
-    assert carbon.emissions_kg(ivs, tr, "A", s, grid_s=60) == pytest.approx(9000 / 1e6)
-    assert carbon.emissions_kg(ivs, tr, "A", s, grid_s=1) == pytest.approx(8100 / 1e6)
+    assert accounting.emissions_kg(ivs, tr, "A", s, grid_s=60) == pytest.approx(9000 / 1e6)
+    assert accounting.emissions_kg(ivs, tr, "A", s, grid_s=1) == pytest.approx(8100 / 1e6)
     with pytest.raises(ValueError, match="grid_s"):
-        carbon.emissions_kg(ivs, tr, "A", s, grid_s=300)
+        accounting.emissions_kg(ivs, tr, "A", s, grid_s=300)
 
 
 def test_overlapping_train_and_idle_count_once_with_train_winning():
@@ -90,13 +91,13 @@ def test_overlapping_train_and_idle_count_once_with_train_winning():
         Interval("a", 600, 1800, "train"),
         Interval("a", 600, 1800, "train"),
     ]
-    norm = carbon.normalize(ivs)
+    norm = accounting.normalize(ivs)
     assert [(iv.start, iv.end, iv.state) for iv in norm] == [
         (0, 600, "idle"),
         (600, 1800, "train"),
         (1800, 3600, "idle"),
     ]
-    assert carbon.energy_kwh(ivs, A) == pytest.approx(2.0 * 1200 / 3600 + 0.5 * 2400 / 3600)
+    assert accounting.energy_kwh(ivs, A) == pytest.approx(2.0 * 1200 / 3600 + 0.5 * 2400 / 3600)
 
 
 def test_measured_energy_overrides_the_power_model_on_its_span():
@@ -136,7 +137,7 @@ def test_baselines_same_compute_back_to_back_per_region_and_continuous_federated
 def test_single_site_baseline_past_the_trace_end_wraps_by_whole_days():
     tr = LinearTrace([0, 43200, 43260, 86400], A=[100, 100, 300, 300])
     s = Site("a", "A", 1.0, 0.0)
-    b = carbon.baselines(tr, [s], 0, 3600, train_hours=30)["single_site:A"]
+    b = accounting.baselines(tr, [s], 0, 3600, train_hours=30)["single_site:A"]
     g_s = 100 * 43200 + 200 * 60 + 300 * 43140 + 100 * 6 * 3600  # hours 24-30 replay hours 0-6
     assert b["emissions_kg"] == pytest.approx(g_s / 3600 / 1000, rel=1e-12)
     assert b["trace_wrapped_hours"] == pytest.approx(6.0)
@@ -170,7 +171,7 @@ def test_rereported_and_extended_spans_never_double_count():
     led.add_train("a", 0, 600)
     led.add_train("a", 0, 600)
     led.add_train("a", 0, 1200)  # a checkpoint mid-interval, then the whole interval
-    assert carbon.energy_kwh(led.intervals(), A) == pytest.approx(2.0 * 1200 / 3600)
+    assert accounting.energy_kwh(led.intervals(), A) == pytest.approx(2.0 * 1200 / 3600)
 
 
 def test_events_fold_into_the_ledger_and_open_provisioning_closes_at_the_end():

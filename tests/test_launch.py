@@ -492,7 +492,8 @@ def test_live_table_renders_every_site_and_the_totals(redis_url):
 
 
 def test_reused_run_name_continues_the_replay_where_the_run_stopped(tmp_path):
-    from pilot.energy.traces import parse_time, synthetic
+    from pilot.energy.synthetic import synthetic
+    from pilot.energy.traces import parse_time
     from pilot.launch.errors import LaunchError
     from pilot.launch.plan import continue_replay
 

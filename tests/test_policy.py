@@ -8,8 +8,11 @@ import pytest
 
 from pilot.config.sites import Site, SitesConfig
 from pilot.control import policy as P
+from pilot.control.batch import simulate_batch
+from pilot.control.outlook import ForecastArrays, forecast_arrays, outlook
 from pilot.energy import forecast as F
-from pilot.energy.traces import Trace, synthetic, windows
+from pilot.energy.synthetic import synthetic
+from pilot.energy.traces import Trace, windows
 
 DELAY = 240.0
 THR = 100.0
@@ -249,7 +252,7 @@ def test_batch_decisions_equal_step_decisions(name, fc_name, tick_s, enter_dwell
     mci = trace.series_all(ticks, regions)
     delays = np.array([s.provision_delay_s for s in sc.sites])
     fa = (
-        P.forecast_arrays(fc, trace, regions, ticks, cfg.horizon_s, THR, cfg.release_delay_s, mci)
+        forecast_arrays(fc, trace, regions, ticks, cfg.horizon_s, THR, cfg.release_delay_s, mci)
         if fc
         else None
     )
@@ -259,8 +262,8 @@ def test_batch_decisions_equal_step_decisions(name, fc_name, tick_s, enter_dwell
         idle_kw=np.array([s.idle_kw for s in sc.sites]),
         train_kw=np.array([s.train_kw for s in sc.sites]),
     )
-    r1 = P.simulate_batch(cfg, delays, ticks[:half], mci[:, :half], _cols(fa, 0, half), **power)
-    r2 = P.simulate_batch(
+    r1 = simulate_batch(cfg, delays, ticks[:half], mci[:, :half], _cols(fa, 0, half), **power)
+    r2 = simulate_batch(
         cfg, delays, ticks[half:], mci[:, half:], _cols(fa, half, None), r1.state, **power
     )
     np.testing.assert_array_equal(np.hstack([r1.provision, r2.provision]), prov)
@@ -271,17 +274,17 @@ def test_batch_decisions_equal_step_decisions(name, fc_name, tick_s, enter_dwell
 def _cols(fa, a, b):
     if fa is None:
         return None
-    return P.ForecastArrays(*(x[:, a:b] for x in (fa.now_value, fa.t_open, fa.t_close, fa.t_up)))
+    return ForecastArrays(*(x[:, a:b] for x in (fa.now_value, fa.t_open, fa.t_close, fa.t_up)))
 
 
 def test_forecast_arrays_equal_outlook_of_forecast_lists():
     trace = synthetic(REGIONS, 30, seed=4)
     ticks = np.arange(trace.start, trace.end, 170.0)  # off-grid ticks
     for fc in (F.perfect(trace), F.same_time_yesterday(trace)):
-        fa = P.forecast_arrays(fc, trace, REGIONS, ticks, 3600.0, THR, 600.0)
+        fa = forecast_arrays(fc, trace, REGIONS, ticks, 3600.0, THR, 600.0)
         for i, r in enumerate(REGIONS):
             for k, t in enumerate(ticks):
-                ol = P.outlook(fc.forecast(r, float(t), 3600.0), THR, 600.0)
+                ol = outlook(fc.forecast(r, float(t), 3600.0), THR, 600.0)
                 if ol is None:
                     assert math.isnan(fa.now_value[i, k])
                     continue
@@ -305,9 +308,9 @@ def test_outlook_merges_blips_shorter_than_the_release_delay():
         (2000.0, 50.0),
         (2100.0, 200.0),
     ]
-    ol = P.outlook(fc, 100.0, release_s=600.0)
+    ol = outlook(fc, 100.0, release_s=600.0)
     assert ol.t_open == pytest.approx(200 / 3) and ol.t_close == pytest.approx(2100 - 100 * 2 / 3)
-    assert P.outlook(fc, 100.0, release_s=0.0).t_close == pytest.approx(150.0)
+    assert outlook(fc, 100.0, release_s=0.0).t_close == pytest.approx(150.0)
 
 
 # ----------------------------------------------------------------------------- site configs
@@ -481,8 +484,8 @@ def test_recorded_forecasts_drive_pre_provisioning_in_the_batch_policy_as_in_ste
     first_train = {}
     for name, fc in (("recorded", F.recorded(rec, trace)), ("persistence", F.persistence(trace))):
         prov, train, _ = run_steps(P.make_policy("forecast", sc), trace, sc, times, fc)
-        fca = P.forecast_arrays(fc, trace, ["X"], times, cfg.horizon_s, THR, 600.0, mci)
-        res = P.simulate_batch(
+        fca = forecast_arrays(fc, trace, ["X"], times, cfg.horizon_s, THR, 600.0, mci)
+        res = simulate_batch(
             cfg, np.array([DELAY]), times, mci, fca, idle_kw=np.array([0.468]),
             train_kw=np.array([2.024]),
         )  # fmt: skip

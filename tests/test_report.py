@@ -7,7 +7,8 @@ import pytest
 from test_carbon import LinearTrace, Site, Sites
 
 from pilot.analysis import figure, report
-from pilot.energy.carbon import Interval, Ledger
+from pilot.energy.accounting import Interval
+from pilot.energy.carbon import Ledger
 from pilot.events import reader
 
 T0 = 1_767_225_600.0  # 2026-01-01 00:00 UTC

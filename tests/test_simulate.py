@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pilot.analysis import simulate
+from pilot.analysis import compare, replay, simulate
 from pilot.config.sites import Site, SitesConfig
 from pilot.energy.carbon import Ledger
-from pilot.energy.traces import Trace, load_trace, save_wide_csv, synthetic
+from pilot.energy.synthetic import synthetic
+from pilot.energy.traces import Trace, load_trace, save_wide_csv
 
 KW, IDLE, DELAY = 2.024, 0.468, 240.0
 REGIONS = {"california": "CAISO_NORTH", "texas": "SPP_TX", "australia": "NEM_SA"}
@@ -118,7 +119,7 @@ def test_simulated_events_replayed_from_jsonl_give_the_same_numbers(tmp_path):
     doc, ev = simulate.simulate(trace, sites, "forecast")
     path = tmp_path / "events.jsonl"
     path.write_text("".join(json.dumps(e) + "\n" for e in ev))
-    back = simulate.replay([json.loads(x) for x in path.read_text().splitlines()], trace, sites)
+    back = replay.replay([json.loads(x) for x in path.read_text().splitlines()], trace, sites)
     assert back["total"] == pytest.approx(doc["total"], rel=1e-12)
 
 
@@ -142,7 +143,7 @@ def test_live_ledger_with_measured_energy_and_a_restart_agrees_with_the_replay_w
             live = Ledger.from_dict(json.loads(json.dumps(live.to_dict())))
     t0, t1 = recorded[0]["t"], recorded[-1]["t"]
     got = live.summary(trace, sites, start=t0, end=t1)["total"]
-    want = simulate.replay(recorded, trace, sites)["total"]
+    want = replay.replay(recorded, trace, sites)["total"]
     for k in ("energy_kwh", "emissions_kg"):
         assert got[k] == pytest.approx(want[k], rel=0.01)
     assert got["train_hours"] == pytest.approx(want["train_hours"], rel=1e-12)
@@ -158,7 +159,7 @@ TRACES = {
     **{f"gusty-{k}": (k, True) for k in (1, 2, 3)},
 }
 MARGINAL = [t for t in TRACES if not t.startswith("gusty")]
-OURS = [label for label, name, _ in simulate.COMPARE_RUNS if name == "forecast"]
+OURS = [label for label, name, _ in compare.COMPARE_RUNS if name == "forecast"]
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def ranking():
             trace = synthetic(list(REGIONS.values()), 48, seed=spec[0], gusts=spec[1])
         out[name] = {
             label: simulate.simulate(trace, paper_sites(), policy, forecaster=fc)[0]["total"]
-            for label, policy, fc in simulate.COMPARE_RUNS
+            for label, policy, fc in compare.COMPARE_RUNS
         }
     return out
 

@@ -4,6 +4,8 @@ files; the seeded synthetic generator and the CLI."""
 import numpy as np
 import pytest
 
+from pilot.energy import synthetic as S
+from pilot.energy import trace_cli
 from pilot.energy import traces as T
 from pilot.energy.traces import TraceError, load_trace
 
@@ -115,17 +117,17 @@ def test_watttime_long_files_convert_lbs_per_mwh_and_align(tmp_path):
 
 def test_synthetic_is_seeded_realistic_and_dips_at_local_midday():
     regions = ["CAISO_NORTH", "SPP_TX", "NEM_SA", "DE"]
-    a = T.synthetic(regions, 96, seed=1, marginal=False)
-    b = T.synthetic(regions, 96, seed=1, marginal=False)
+    a = S.synthetic(regions, 96, seed=1, marginal=False)
+    b = S.synthetic(regions, 96, seed=1, marginal=False)
     np.testing.assert_array_equal(a.values, b.values)
-    assert not np.array_equal(a.values, T.synthetic(regions, 96, seed=2, marginal=False).values)
+    assert not np.array_equal(a.values, S.synthetic(regions, 96, seed=2, marginal=False).values)
     assert a.step == 300.0 and a.values.min() >= 20 and a.values.max() <= 900
-    smooth = T.synthetic(regions, 96, seed=1, gusts=False, marginal=False)
+    smooth = S.synthetic(regions, 96, seed=1, gusts=False, marginal=False)
     # gusts only lower the signal, and only in places
     assert (a.values <= smooth.values).all() and (a.values == smooth.values).mean() > 0.9
     short_off_midday = 0
     for r in regions:
-        off = T.REGION_UTC_OFFSET_H[r]
+        off = S.REGION_UTC_OFFSET_H[r]
         w = T.windows(smooth.times, smooth.row(r), 100.0)
         assert len(w) >= 3, r
         for lo, hi in w:  # without gusts: the solar dips only, at local midday
@@ -142,8 +144,8 @@ def test_synthetic_is_seeded_realistic_and_dips_at_local_midday():
 
 def test_marginal_synthetic_jumps_at_window_edges_and_has_short_excursions_inside():
     regions = ["CAISO_NORTH", "SPP_TX", "NEM_SA"]
-    tr = T.synthetic(regions, 96, seed=2, gusts=False)
-    assert (tr.values == T.synthetic(regions, 96, seed=2, gusts=False).values).all()
+    tr = S.synthetic(regions, 96, seed=2, gusts=False)
+    assert (tr.values == S.synthetic(regions, 96, seed=2, gusts=False).values).all()
     below = tr.values < 100.0
     # every crossing of the threshold is a jump: from a near-zero level to >= 150 (a gas unit
     # inside a window) or to fossil levels (>= 450 at a window's edge), within one sample
@@ -151,7 +153,7 @@ def test_marginal_synthetic_jumps_at_window_edges_and_has_short_excursions_insid
     lo = np.minimum(tr.values[:, 1:], tr.values[:, :-1])[cross]
     hi = np.maximum(tr.values[:, 1:], tr.values[:, :-1])[cross]
     assert cross.sum() >= 12 and (lo < 0.95 * 100).all() and (hi >= 150).all()
-    assert (hi >= T.SYNTH_FOSSIL_MIN_G).sum() >= 8  # window edges
+    assert (hi >= S.SYNTH_FOSSIL_MIN_G).sum() >= 8  # window edges
     # excursions: runs above the threshold of at most 2 samples between windows
     runs = []
     for row in below:
@@ -161,14 +163,14 @@ def test_marginal_synthetic_jumps_at_window_edges_and_has_short_excursions_insid
     assert (tr.values[below] < 0.95 * 100).all() and tr.values.min() >= 5
 
     with pytest.raises(TraceError, match="no UTC offset known for region\\(s\\) PJM"):
-        T.synthetic(["PJM"], 24, seed=1)
-    assert T.synthetic(["PJM"], 24, seed=1, utc_offsets={"PJM": -5}).regions == ["PJM"]
+        S.synthetic(["PJM"], 24, seed=1)
+    assert S.synthetic(["PJM"], 24, seed=1, utc_offsets={"PJM": -5}).regions == ["PJM"]
 
 
 def test_cli_synth_then_check_roundtrips(tmp_path, capsys):
     out = tmp_path / "s.csv"
     assert (
-        T.main(
+        trace_cli.main(
             [
                 "synth",
                 "--regions",
@@ -184,18 +186,21 @@ def test_cli_synth_then_check_roundtrips(tmp_path, capsys):
         == 0
     )
     tr = load_trace(out)
-    ref = T.synthetic(["CAISO_NORTH", "NEM_SA"], 24, seed=3)
+    ref = S.synthetic(["CAISO_NORTH", "NEM_SA"], 24, seed=3)
     np.testing.assert_allclose(tr.values, ref.values, atol=0.006)
-    assert T.main(["synth", "--hours", "24", "--seed", "3", "--no-gusts", "--out", str(out)]) == 0
-    smooth = T.synthetic(["CAISO_NORTH", "SPP_TX", "NEM_SA"], 24, seed=3, gusts=False)
+    assert (
+        trace_cli.main(["synth", "--hours", "24", "--seed", "3", "--no-gusts", "--out", str(out)])
+        == 0
+    )
+    smooth = S.synthetic(["CAISO_NORTH", "SPP_TX", "NEM_SA"], 24, seed=3, gusts=False)
     np.testing.assert_allclose(load_trace(out).values, smooth.values, atol=0.006)
-    assert T.main(["check", str(out)]) == 0
+    assert trace_cli.main(["check", str(out)]) == 0
     assert "windows < 100" in capsys.readouterr().out
 
 
 def test_cli_check_reports_one_line_and_exit_code_2(tmp_path, capsys):
     p = wide(tmp_path, [r.replace("Z,", ",") for r in ok_rows()])
-    assert T.main(["check", str(p)]) == 2
+    assert trace_cli.main(["check", str(p)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "naive timestamp" in err and "\n" not in err
 
@@ -209,5 +214,5 @@ def test_bundled_default_trace_is_valid():
     assert tr.end - tr.start == 48 * 3600 and tr.step == 300
     assert all(T.windows(tr.times, tr.row(r), 100.0) for r in tr.regions)
     # it is the marginal seed-44 trace without gusts (the demo is tuned on it)
-    ref = T.synthetic(tr.regions, 48, seed=44, gusts=False)
+    ref = S.synthetic(tr.regions, 48, seed=44, gusts=False)
     np.testing.assert_allclose(tr.values, ref.values, atol=0.006)

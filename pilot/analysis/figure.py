@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from pilot.energy.carbon import Interval, windows
+from pilot.energy.accounting import Interval, windows
 
 MODE_COLORS = {"PAUSE": "#d9d9d9", "LOCAL": "#fdd49e", "FEDERATED": "#a1d99b"}
 
@@ -92,7 +92,6 @@ def timeline(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     has_loss = bool(loss) and any(loss.values())
     n = len(sites)
@@ -104,10 +103,25 @@ def timeline(
         figsize=(12, 2.0 + sum(ratios) * 1.3),
         gridspec_kw={"height_ratios": ratios, "hspace": 0.08},
     )
-    ax_mci, ax_bar, ax_mode = axes[:3]
     h = lambda t: (np.asarray(t, dtype=float) - start) / 3600.0  # noqa: E731  hours since start
     colors = plt.get_cmap("tab10").colors
 
+    _mci_panel(axes[0], trace, sites, threshold, start, end, h, colors)
+    axes[0].set_title(title or "curtailment-following training timeline")
+    _site_panel(axes[1], trace, sites, intervals, threshold, start, end, h, colors)
+    _mode_panel(axes[2], modes, h)
+    if has_loss:
+        _loss_panel(axes[3], loss, sites, h, colors)
+    axes[-1].set_xlim(0, h(end))
+    axes[-1].set_xlabel(f"hours since {datetime.fromtimestamp(start, UTC):%Y-%m-%d %H:%M} UTC")
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _mci_panel(ax_mci, trace, sites, threshold, start, end, h, colors) -> None:
+    """Each site's MCI and the threshold."""
     ts = np.linspace(start, end, int(min(4000, max(200, (end - start) / 60))))
     for i, s in enumerate(sites):
         ax_mci.plot(
@@ -119,9 +133,14 @@ def timeline(
         )
     ax_mci.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
     ax_mci.set_ylabel("MCI (gCO2/kWh)")
-    ax_mci.legend(loc="upper right", fontsize=8, ncol=min(4, n + 1))
-    ax_mci.set_title(title or "curtailment-following training timeline")
+    ax_mci.legend(loc="upper right", fontsize=8, ncol=min(4, len(sites) + 1))
 
+
+def _site_panel(ax_bar, trace, sites, intervals, threshold, start, end, h, colors) -> None:
+    """One row per site: its curtailment windows, provisioned spans and training spans."""
+    from matplotlib.patches import Patch
+
+    n = len(sites)
     for i, s in enumerate(sites):
         y = n - 1 - i
         # Faint background: the raw curtailment windows, so bars outside them stand out.
@@ -156,6 +175,11 @@ def timeline(
         frameon=False,
     )
 
+
+def _mode_panel(ax_mode, modes, h) -> None:
+    """The band of modes over time."""
+    from matplotlib.patches import Patch
+
     for a, b, m in modes:
         ax_mode.axvspan(h(a), h(b), color=MODE_COLORS.get(m, "white"), lw=0)
     ax_mode.set_yticks([])
@@ -167,15 +191,6 @@ def timeline(
         bbox_to_anchor=(1.0, 0.5),
         frameon=False,
     )
-
-    if has_loss:
-        _loss_panel(axes[3], loss, sites, h, colors)
-    axes[-1].set_xlim(0, h(end))
-    axes[-1].set_xlabel(f"hours since {datetime.fromtimestamp(start, UTC):%Y-%m-%d %H:%M} UTC")
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def _loss_panel(ax_loss, loss, sites, h, colors) -> None:
@@ -224,6 +239,3 @@ def _loss_panel(ax_loss, loss, sites, h, colors) -> None:
         handles, labels = handles + more[0], labels + more[1]
     if handles:
         ax_loss.legend(handles, labels, loc="upper right", fontsize=8)
-
-
-# --- tables -----------------------------------------------------------------------------------

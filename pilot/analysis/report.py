@@ -28,6 +28,7 @@ from typing import Any
 
 from pilot.analysis import quality
 from pilot.analysis.figure import MODE_COLORS, losses, mode_spans, timeline
+from pilot.analysis.replay import accounted_span, replay
 from pilot.analysis.tables import markdown_table, print_table, table_rows
 from pilot.energy.carbon import Ledger
 from pilot.events.reader import load_events, write_events_csv
@@ -55,6 +56,102 @@ def _resolve(p: str, run_dir: Path) -> str:
     return str(q if q.is_absolute() or q.exists() else run_dir / q)
 
 
+def _inputs(run_dir: Path, info: dict[str, Any], trace: Any, sites_config: Any) -> tuple[Any, Any]:
+    """(trace, sites config): those given, else the files the run_start event names."""
+    if sites_config is None:
+        from pilot.config.sites import load_sites
+
+        if "sites" not in info:
+            raise ValueError("no sites config: pass --sites FILE (the run_start event names none)")
+        sites_config = load_sites(_resolve(info["sites"], run_dir))
+    if trace is None:
+        from pilot.energy.traces import load_trace
+
+        if "trace" not in info:
+            raise ValueError("no trace: pass --trace FILE (the run_start event names none)")
+        # the energy simulation publishes several files comma-separated (its --trace)
+        paths = info["trace"] if isinstance(info["trace"], list) else info["trace"].split(",")
+        trace = load_trace([_resolve(p, run_dir) for p in paths])
+    return trace, sites_config
+
+
+def _replay_check(
+    summary: dict[str, Any],
+    events: Sequence[dict[str, Any]],
+    trace: Any,
+    sites_config: Any,
+    threshold: float,
+    grid_s: float,
+) -> dict[str, Any]:
+    """The ledger against the simulator's view of the same events (power model only, measured
+    joules ignored): a live ledger must agree with it within 1% where no site measures its power."""
+    r_tot = replay(events, trace, sites_config, threshold=threshold, grid_s=grid_s)["total"]
+    check = {}
+    for k in ("energy_kwh", "emissions_kg"):
+        a, b = summary["total"][k], r_tot[k]
+        check[k] = {"ledger": a, "replay": b, "rel_diff": abs(a - b) / max(abs(a), abs(b), 1e-12)}
+    check["rel_diff"] = max(check["energy_kwh"]["rel_diff"], check["emissions_kg"]["rel_diff"])
+    return check
+
+
+def _event_stats(
+    events: Sequence[dict[str, Any]],
+    modes: Sequence[tuple[float, float, str]],
+    loss: dict[str, list[tuple[float, float]]],
+) -> dict[str, Any]:
+    """report.json's counts from the events: rounds, faults, kinds, hours per mode, loss."""
+    counts = Counter(e["kind"] for e in events)
+    rounds = {int(e["round"]) for e in events if e["kind"] == "aggregate" and "round" in e}
+    g = loss["global"]
+    return {
+        "rounds_aggregated": len(rounds),
+        "faults": [e for e in events if e["kind"] == "fault"],
+        "event_counts": dict(counts),
+        "unknown_event_kinds": sorted(k for k in counts if k not in EVENT_KINDS),
+        "mode_hours": {
+            m: sum(b - a for a, b, mm in modes if mm == m) / 3600.0 for m in MODE_COLORS
+        },
+        "loss": {"first": g[0][1], "last": g[-1][1]} if g else None,  # round-mean train loss
+    }
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    """report.md: the table, then one line per finding, then the figure."""
+    head, rows = table_rows(report)
+    t, loss, cut_h = report["total"], report["loss"], report["outside_trace_hours"]
+    t0, t1 = (datetime.fromtimestamp(report[k], UTC) for k in ("start", "end"))
+    md = [
+        f"# Run report: {report['run']}",
+        "",
+        f"{t0:%Y-%m-%d %H:%M} → {t1:%Y-%m-%d %H:%M} UTC (sim), threshold "
+        f"{report['threshold']:g} gCO2/kWh, policy {report['policy'] or 'n/a'}, "
+        f"ledger from {report['ledger_source']}.",
+        "",
+        markdown_table(head, rows),
+        "",
+        f"- training inside curtailment windows: {t['in_window_train_hours']:.2f} of "
+        f"{t['train_hours']:.2f} site-hours",
+        f"- provisioned but idle (provisioning energy): {t['idle_energy_kwh']:.3f} kWh",
+        "- mode hours: " + ", ".join(f"{m} {v:.2f}" for m, v in report["mode_hours"].items()),
+        f"- rounds aggregated: {report['rounds_aggregated']}; faults: {len(report['faults'])}",
+        f"- round-mean train loss: {loss['first']:.4f} → {loss['last']:.4f}"
+        if loss
+        else "- round-mean train loss: no aggregated rounds",
+        *quality.markdown(report),
+        *(
+            [f"- **{cut_h:.2f} h of the run lie outside the trace and are not accounted**"]
+            if cut_h > 0
+            else []
+        ),
+        "- ledger vs simulator replay of the events (power model): "
+        f"{report['replay_check']['rel_diff']:.3%} apart",
+        "",
+        "![timeline](timeline.png)",
+        "",
+    ]
+    return "\n".join(md)
+
+
 def build(
     run_dir: str | Path,
     trace: Any = None,
@@ -73,63 +170,27 @@ def build(
     if not events:
         raise ValueError(f"{run_dir}/events.jsonl holds no events")
     info = next((e for e in events if e["kind"] == "run_start"), {})
-    if sites_config is None:
-        from pilot.config.sites import load_sites
-
-        if "sites" not in info:
-            raise ValueError("no sites config: pass --sites FILE (the run_start event names none)")
-        sites_config = load_sites(_resolve(info["sites"], run_dir))
-    if trace is None:
-        from pilot.energy.traces import load_trace
-
-        if "trace" not in info:
-            raise ValueError("no trace: pass --trace FILE (the run_start event names none)")
-        # the energy simulation publishes several files comma-separated (its --trace)
-        paths = info["trace"] if isinstance(info["trace"], list) else info["trace"].split(",")
-        trace = load_trace([_resolve(p, run_dir) for p in paths])
+    trace, sites_config = _inputs(run_dir, info, trace, sites_config)
     if threshold is None:
         threshold = float(info.get("threshold", sites_config.threshold))
-    sites = list(sites_config.sites)
 
     ledger, source = load_ledger(run_dir, events)
-    from pilot.analysis.simulate import accounted_span, replay
-
     start, end = accounted_span(events, trace)
-    cut_h = (
-        max(float(e["t"]) for e in events) - end + start - min(float(e["t"]) for e in events)
-    ) / 3600
+    ts = [float(e["t"]) for e in events]
+    cut_h = (max(ts) - end + start - min(ts)) / 3600
     summary = ledger.summary(
         trace, sites_config, start=start, end=end, threshold=threshold, grid_s=grid_s
     )
-    # The simulator's view of the same events (power model only, measured joules ignored):
-    # a live ledger must agree with it within 1% where no site measures its power.
-    r_tot = replay(events, trace, sites_config, threshold=threshold, grid_s=grid_s)["total"]
-    check = {}
-    for k in ("energy_kwh", "emissions_kg"):
-        a, b = summary["total"][k], r_tot[k]
-        check[k] = {"ledger": a, "replay": b, "rel_diff": abs(a - b) / max(abs(a), abs(b), 1e-12)}
-    check["rel_diff"] = max(check["energy_kwh"]["rel_diff"], check["emissions_kg"]["rel_diff"])
-
     ivs = ledger.intervals(end)
     modes = mode_spans(events, ivs, start, end)
     loss = losses(events)
-    counts = Counter(e["kind"] for e in events)
-    rounds = sorted({int(e["round"]) for e in events if e["kind"] == "aggregate" and "round" in e})
-    g = loss["global"]
     report = {
         "run": info.get("run", run_dir.name),
         "policy": info.get("policy"),
         "ledger_source": source,
-        "replay_check": check,
+        "replay_check": _replay_check(summary, events, trace, sites_config, threshold, grid_s),
         "outside_trace_hours": cut_h,
-        "rounds_aggregated": len(rounds),
-        "faults": [e for e in events if e["kind"] == "fault"],
-        "event_counts": dict(counts),
-        "unknown_event_kinds": sorted(k for k in counts if k not in EVENT_KINDS),
-        "mode_hours": {
-            m: sum(b - a for a, b, mm in modes if mm == m) / 3600.0 for m in MODE_COLORS
-        },
-        "loss": {"first": g[0][1], "last": g[-1][1]} if g else None,  # round-mean train loss
+        **_event_stats(events, modes, loss),
         **quality.summary(events),
         **summary,
     }
@@ -139,7 +200,7 @@ def build(
     timeline(
         run_dir / "timeline.png",
         trace,
-        sites,
+        list(sites_config.sites),
         ivs,
         threshold=threshold,
         start=start,
@@ -148,35 +209,7 @@ def build(
         loss=loss,
         title=f"run {report['run']}",
     )
-    head, rows = table_rows(summary)
-    md = [
-        f"# Run report: {report['run']}",
-        "",
-        f"{datetime.fromtimestamp(start, UTC):%Y-%m-%d %H:%M} → {datetime.fromtimestamp(end, UTC):%Y-%m-%d %H:%M} UTC "
-        f"(sim), threshold {threshold:g} gCO2/kWh, policy {report['policy'] or 'n/a'}, ledger from {source}.",
-        "",
-        markdown_table(head, rows),
-        "",
-        f"- training inside curtailment windows: {summary['total']['in_window_train_hours']:.2f} of "
-        f"{summary['total']['train_hours']:.2f} site-hours",
-        f"- provisioned but idle (provisioning energy): {summary['total']['idle_energy_kwh']:.3f} kWh",
-        "- mode hours: " + ", ".join(f"{m} {v:.2f}" for m, v in report["mode_hours"].items()),
-        f"- rounds aggregated: {len(rounds)}; faults: {len(report['faults'])}",
-        f"- round-mean train loss: {g[0][1]:.4f} → {g[-1][1]:.4f}"
-        if g
-        else "- round-mean train loss: no aggregated rounds",
-        *quality.markdown(report),
-        *(
-            [f"- **{cut_h:.2f} h of the run lie outside the trace and are not accounted**"]
-            if cut_h > 0
-            else []
-        ),
-        f"- ledger vs simulator replay of the events (power model): {check['rel_diff']:.3%} apart",
-        "",
-        "![timeline](timeline.png)",
-        "",
-    ]
-    (run_dir / "report.md").write_text("\n".join(md))
+    (run_dir / "report.md").write_text(_markdown(report))
     return report
 
 

@@ -8,16 +8,16 @@ A live run replays from its record (pilot.energy.sources.record): ``--trace DIR/
 --forecaster recorded --forecasts DIR/forecasts.csv`` decides on what the run saw, its
 provider's forecasts included.
 
-The replay runs the policy's array path (pilot.control.policy.simulate_batch: the decisions of
+The replay runs the policy's array path (pilot.control.batch.simulate_batch: the decisions of
 Policy.step, numpy over sites x ticks) and turns the decision arrays into the events a live run
-emits (schema: pilot/analysis/report.py), which the carbon ledger folds into energy and emissions, the
+emits (pilot.analysis.decisions), which the carbon ledger folds into energy and emissions, the
 same code the ServerApp's ledger runs. Power model: a site asked to provision draws `idle_kw`
 from that tick, is ready `provision_delay_s` later (zero for the oracle), draws `train_kw`
 while the policy trains it, and nothing once released. With the default 60 s tick a 240 s
 delay is exact; a delay that is not a multiple of the tick is rounded up to the next tick.
 
-`replay(events, ...)` goes the other way: the events of a real run through the power model
-and the ledger, to check a live ledger against the simulator (they must agree within 1%).
+pilot.analysis.replay folds the events into the --json document, and goes the other way too:
+the events of a real run through the power model and the ledger.
 """
 
 from __future__ import annotations
@@ -33,30 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from pilot.analysis.compare import COMPARE_HEAD, COMPARE_RUNS, compare_rows
+from pilot.analysis.decisions import mode_events, ordered, site_events
+from pilot.analysis.replay import summarize
 from pilot.config.sites import FORECASTER_NAMES
-from pilot.energy.carbon import Ledger, union, windows
+from pilot.energy.carbon import Ledger
 from pilot.events.schema import make_event
 
 POLICIES = ("prototype", "forecast", "oracle")
-# --compare: (row label, policy, forecaster); the oracle first, every ratio is against it
-COMPARE_RUNS = (
-    ("oracle", "oracle", None),
-    ("prototype", "prototype", None),
-    ("ours: persistence", "forecast", "persistence"),
-    ("ours: noisy", "forecast", "noisy"),
-    ("ours: perfect", "forecast", "perfect"),
-)
-# At one instant: close before open, so a release and a re-provision keep their order.
-_ORDER = {
-    "run_start": 0,
-    "mode": 1,
-    "train_interval": 2,
-    "deprovision": 3,
-    "provision_decided": 4,
-    "provision_started": 5,
-    "provision_complete": 6,
-    "run_end": 9,
-}
 
 
 def with_threshold(sites_config: Any, threshold: float | None) -> Any:
@@ -65,10 +49,60 @@ def with_threshold(sites_config: Any, threshold: float | None) -> Any:
     return dataclasses.replace(sites_config, threshold=float(threshold))
 
 
-def _edges(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Tick indices where a boolean row turns on, and where it turns off (len(x): still on)."""
-    d = np.diff(np.concatenate([[False], x, [False]]).astype(np.int8))
-    return np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+def _span(trace: Any, start: float | None, end: float | None, tick_s: float) -> tuple[float, float]:
+    """[start, end), the trace's own span by default, checked to lie inside the trace."""
+    start = float(trace.start) if start is None else float(start)
+    end = float(trace.end) if end is None else float(end)
+    if not float(trace.start) <= start < end <= float(trace.end):
+        raise ValueError(
+            f"simulated span [{start:.0f}, {end:.0f}) is not inside the trace "
+            f"[{trace.start:.0f}, {trace.end:.0f}]: pick another --start/--hours"
+        )
+    if not tick_s > 0:
+        raise ValueError(f"--tick {tick_s} must be > 0 seconds")
+    return start, end
+
+
+def _decide(
+    cfg: Any,
+    pcfg: Any,
+    trace: Any,
+    ticks: np.ndarray,
+    delays: np.ndarray,
+    forecaster: str,
+    forecasts: str | Path | None,
+) -> Any:
+    """The policy's decisions (sites x ticks) on the trace's MCI and, for a policy that
+    forecasts, on `forecaster`'s forecasts."""
+    from pilot.control.batch import simulate_batch
+    from pilot.control.outlook import forecast_arrays
+    from pilot.energy.sources.record import forecaster as make_forecaster
+
+    sites = list(cfg.sites)
+    regions = [s.region for s in sites]
+    mci = np.stack([np.asarray(trace.series(r, ticks), dtype=np.float64) for r in regions])
+    fca = None
+    if pcfg.use_forecast:
+        fc = make_forecaster(cfg, forecaster, trace, forecasts)
+        fca = forecast_arrays(
+            fc,
+            trace,
+            regions,
+            ticks,
+            pcfg.horizon_s,
+            pcfg.threshold,
+            release_s=pcfg.release_delay_s,
+            mci=mci,
+        )
+    return simulate_batch(
+        pcfg,
+        delays,
+        ticks,
+        mci,
+        fca,
+        idle_kw=np.array([s.idle_kw for s in sites]),
+        train_kw=np.array([s.train_kw for s in sites]),
+    )
 
 
 def run(
@@ -86,48 +120,16 @@ def run(
     """Replay `policy_name` over [start, end) and return the events a live run would emit.
     `forecasts`: the recorded forecasts.csv of forecaster "recorded" (default: the sites
     config's)."""
-    from pilot.control import policy as pol
-    from pilot.energy.sources.record import forecaster as make_forecaster
+    from pilot.control.policy import policy_config
 
     cfg = with_threshold(sites_config, threshold)
     sites = list(cfg.sites)
-    start = float(trace.start) if start is None else float(start)
-    end = float(trace.end) if end is None else float(end)
-    if not float(trace.start) <= start < end <= float(trace.end):
-        raise ValueError(
-            f"simulated span [{start:.0f}, {end:.0f}) is not inside the trace "
-            f"[{trace.start:.0f}, {trace.end:.0f}]: pick another --start/--hours"
-        )
-    if not tick_s > 0:
-        raise ValueError(f"--tick {tick_s} must be > 0 seconds")
-    pcfg = pol.policy_config(cfg, policy_name)
+    start, end = _span(trace, start, end, tick_s)
+    pcfg = policy_config(cfg, policy_name)
     forecaster = forecaster or cfg.forecaster
-    regions = [s.region for s in sites]
     ticks = np.arange(start, end, tick_s)
-    mci = np.stack([np.asarray(trace.series(r, ticks), dtype=np.float64) for r in regions])
-    fca = None
-    if pcfg.use_forecast:
-        fc = make_forecaster(cfg, forecaster, trace, forecasts)
-        fca = pol.forecast_arrays(
-            fc,
-            trace,
-            regions,
-            ticks,
-            pcfg.horizon_s,
-            pcfg.threshold,
-            release_s=pcfg.release_delay_s,
-            mci=mci,
-        )
     delays = np.array([float(s.provision_delay_s) for s in sites])
-    res = pol.simulate_batch(
-        pcfg,
-        delays,
-        ticks,
-        mci,
-        fca,
-        idle_kw=np.array([s.idle_kw for s in sites]),
-        train_kw=np.array([s.train_kw for s in sites]),
-    )
+    res = _decide(cfg, pcfg, trace, ticks, delays, forecaster, forecasts)
     bounds = np.append(ticks, end)  # edge index K = still on when the simulation ends
     delay = np.zeros(len(sites)) if pcfg.zero_delay else delays
 
@@ -143,77 +145,12 @@ def run(
         )
     ]
     for i, s in enumerate(sites):
-        on, off = _edges(res.provision[i])
-        for a, b in zip(on, off, strict=True):
-            t0, t1 = float(bounds[a]), float(bounds[b])
-            events.append(make_event("provision_decided", t0, site=s.name, reason=pcfg.name))
-            events.append(make_event("provision_started", t0, site=s.name))
-            if t0 + delay[i] < t1:
-                events.append(make_event("provision_complete", t0 + float(delay[i]), site=s.name))
-            why = "released" if b < len(ticks) else "end of simulation"
-            events.append(make_event("deprovision", t1, site=s.name, reason=why))
-        on, off = _edges(res.train[i])
-        for a, b in zip(on, off, strict=True):
-            t0, t1 = float(bounds[a]), float(bounds[b])
-            events.append(
-                make_event("train_interval", t1, site=s.name, start=t0, end=t1, energy_j=None)
-            )
-    n_train = res.train.sum(axis=0)
-    names = np.array([s.name for s in sites])
-    for k in np.flatnonzero(np.diff(np.concatenate([[-1], n_train])) != 0):
-        events.append(
-            make_event(
-                "mode",
-                float(ticks[k]),
-                mode=str(pol.Mode.of(int(n_train[k]))),
-                train=names[res.train[:, k]].tolist(),
-                provision=names[res.provision[:, k]].tolist(),
-            )
+        events += site_events(
+            s.name, res.provision[i], res.train[i], bounds, float(delay[i]), pcfg.name
         )
+    events += mode_events([s.name for s in sites], res.provision, res.train, ticks)
     events.append(make_event("run_end", end, reason="end of simulation"))
-    return sorted(events, key=lambda e: (e["t"], _ORDER.get(e["kind"], 7)))
-
-
-def windows_used(
-    ledger: Ledger, trace: Any, sites: Sequence[Any], threshold: float, start: float, end: float
-) -> tuple[int, int]:
-    """(site-windows in which the site trained at all, all site-windows): raw MCI < threshold."""
-    used = total = 0
-    for s in sites:
-        ws = windows(trace, s.region, start, end, threshold)
-        train = union(ledger.train.get(s.name, []))
-        total += len(ws)
-        used += sum(1 for a, b in ws if any(ts < b and a < te for ts, te in train))
-    return used, total
-
-
-def summarize(
-    events: Sequence[dict[str, Any]],
-    trace: Any,
-    sites_config: Any,
-    *,
-    start: float,
-    end: float,
-    threshold: float | None = None,
-    grid_s: float = 60.0,
-) -> dict[str, Any]:
-    """The --json document (less "policy") for a list of simulated or recorded events."""
-    threshold = float(sites_config.threshold if threshold is None else threshold)
-    ledger = Ledger.from_events(events)
-    doc = ledger.summary(
-        trace, sites_config, start=start, end=end, threshold=threshold, grid_s=grid_s
-    )
-    used, total = windows_used(ledger, trace, list(sites_config.sites), threshold, start, end)
-    doc["total"]["windows_used"] = used
-    doc["total"]["windows_total"] = total
-    # Wasted provisioning energy: what sites draw while provisioned but not training (idle_kw),
-    # i.e. booting (provision_delay_s per provisioning cycle), waiting ready for a window that
-    # has not opened (or never comes), and windows skipped while provisioned. Training is never
-    # counted here, in or out of a window: training through a release hold above the
-    # threshold shows in the emissions and in train vs in-window hours instead. Zero for the
-    # oracle (instant provisioning, trains exactly while curtailed).
-    doc["total"]["provisioning_energy_wasted_kwh"] = doc["total"]["idle_energy_kwh"]
-    return doc
+    return ordered(events)
 
 
 def simulate(
@@ -263,102 +200,10 @@ def simulate(
     return {"policy": policy, **doc}, events
 
 
-def accounted_span(events: Sequence[dict[str, Any]], trace: Any) -> tuple[float, float]:
-    """The events' span cut to the trace: a run that went on past the trace end is accounted
-    up to it (its intervals are cut there), rather than failing the whole report."""
-    ts = [float(e["t"]) for e in events]
-    start, end = max(min(ts), float(trace.start)), min(max(ts), float(trace.end))
-    if end <= start:
-        raise ValueError(
-            f"the events ({min(ts):.0f} .. {max(ts):.0f}) lie outside the trace "
-            f"({trace.start:.0f} .. {trace.end:.0f}): is it the run's trace?"
-        )
-    return start, end
+# --- CLI ---------------------------------------------------------------------------------------
 
 
-def replay(
-    events: Sequence[dict[str, Any]],
-    trace: Any,
-    sites_config: Any,
-    *,
-    threshold: float | None = None,
-    grid_s: float = 60.0,
-    measured: bool = False,
-) -> dict[str, Any]:
-    """A recorded run's events through the power model and the ledger, over the run's own span:
-    the simulator's view of a real run. Measured joules are ignored unless `measured`."""
-    evs = [dict(e) for e in events]
-    if not evs:
-        raise ValueError("no events to replay")
-    if not measured:
-        for e in evs:
-            e.pop("energy_j", None)
-    start, end = accounted_span(evs, trace)
-    return summarize(
-        evs, trace, sites_config, start=start, end=end, threshold=threshold, grid_s=grid_s
-    )
-
-
-# --- CLI --------------------------------------------------------------------------------------
-
-COMPARE_HEAD = [
-    "policy",
-    "kg CO2",
-    "kWh",
-    "train site-h",
-    "in-window site-h",
-    "energy in window",
-    "windows used",
-    "prov. wasted kWh",
-    "vs best single site",
-    "vs oracle",
-]
-
-
-def compare_row(name: str, doc: dict[str, Any], oracle_kg: float) -> list[str]:
-    t = doc["total"]
-    best = min(
-        (b["emissions_kg"] for k, b in doc["baselines"].items() if k.startswith("single_site:")),
-        default=0.0,
-    )
-    return [
-        name,
-        f"{t['emissions_kg']:.3f}",
-        f"{t['energy_kwh']:.2f}",
-        f"{t['train_hours']:.2f}",
-        f"{t['in_window_train_hours']:.2f}",
-        f"{t['curtailed_energy_share']:.1%}",
-        f"{t['windows_used']}/{t['windows_total']}",
-        f"{t['provisioning_energy_wasted_kwh']:.3f}",
-        f"{t['emissions_kg'] / best:.1%}" if best > 0 else "n/a",
-        f"{t['emissions_kg'] / oracle_kg:.3f}x" if oracle_kg > 0 else "n/a",
-    ]
-
-
-def compare_rows(docs: dict[str, dict[str, Any]]) -> list[list[str]]:
-    """One row per run (the oracle first: the ratios' reference), then the continuous
-    baseline (same trace, same span)."""
-    oracle_kg = next(iter(docs.values()))["total"]["emissions_kg"]
-    rows = [compare_row(n, d, oracle_kg) for n, d in docs.items()]
-    cont = next(iter(docs.values()))["baselines"]["continuous_federated"]
-    rows.append(
-        [
-            "continuous",
-            f"{cont['emissions_kg']:.3f}",
-            f"{cont['energy_kwh']:.2f}",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            f"{cont['emissions_kg'] / oracle_kg:.1f}x" if oracle_kg > 0 else "n/a",
-        ]
-    )
-    return rows
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m pilot.analysis.simulate", description=__doc__.split("\n\n")[0]
     )
@@ -398,19 +243,91 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the oracle, the prototype rule and ours with no, a noisy and a perfect forecast: "
         "one table",
     )
-    args = ap.parse_args(argv)
-    try:
-        from pilot.config.sites import load_sites
-        from pilot.energy.traces import load_trace, parse_time
+    return ap
 
-        sites = load_sites(args.sites)
-        if not args.trace and sites.trace is None:
-            raise ValueError(f"no trace: pass --trace FILE ({args.sites} names none)")
-        trace = load_trace(args.trace or [sites.trace])
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any, float]:
+    """(the sites config, the trace, the start) the arguments name; a span past the trace end
+    fails here, with the trace's own "too short" error."""
+    from pilot.config.sites import load_sites
+    from pilot.energy.traces import load_trace, parse_time
+
+    sites = load_sites(args.sites)
+    if not args.trace and sites.trace is None:
+        raise ValueError(f"no trace: pass --trace FILE ({args.sites} names none)")
+    trace = load_trace(args.trace or [sites.trace])
+    start = parse_time(args.start) if args.start else float(trace.start)
+    if args.hours is not None and start + args.hours * 3600 > trace.end:
+        trace.require(start, start + args.hours * 3600)
+    return sites, trace, start
+
+
+def _chosen(runs: Sequence[tuple[str, str, str | None]], policy: str, forecaster: str) -> str:
+    """The label of the run --plot/--events describe: --policy (with --forecaster or the sites'
+    one), under --compare too."""
+    return next(
+        (lb for lb, n, fc in runs if n == policy and fc in (None, forecaster)),
+        next(lb for lb, n, _ in runs if n == policy),
+    )
+
+
+def _print_tables(
+    args: argparse.Namespace, policy: str, docs: dict[str, dict[str, Any]], doc: dict[str, Any]
+) -> None:
+    from pilot.analysis.tables import print_table, table_rows
+
+    if args.compare:
+        ms = sum(d["policy"]["seconds"] for d in docs.values()) * 1000
+        print_table(
+            COMPARE_HEAD,
+            compare_rows(docs),
+            title=f"{Path(args.sites).name}: {doc['policy']['hours']:.1f} h, threshold "
+            f"{doc['threshold']:g} gCO2/kWh ({ms:.0f} ms for {len(docs)} policies)",
+        )
+    else:
+        head, rows = table_rows(doc)
+        print_table(head, rows, title=f"policy {policy} ({doc['policy']['seconds'] * 1000:.0f} ms)")
+
+
+def _write_events(args: argparse.Namespace, sites: Any, events: list[dict[str, Any]]) -> None:
+    # Name the inputs so `python -m pilot.analysis.report DIR` can render a simulated run as well.
+    trace_paths = args.trace or [str(sites.trace)]
+    events[0].update(
+        trace=[str(Path(p).resolve()) for p in trace_paths],
+        sites=str(Path(args.sites).resolve()),
+    )
+    Path(args.events).write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def _plot(
+    args: argparse.Namespace,
+    trace: Any,
+    sites: Any,
+    policy: str,
+    doc: dict[str, Any],
+    events: list[dict[str, Any]],
+) -> None:
+    from pilot.analysis.figure import mode_spans, timeline
+
+    ivs = Ledger.from_events(events).intervals(doc["end"])
+    timeline(
+        args.plot,
+        trace,
+        list(sites.sites),
+        ivs,
+        threshold=doc["threshold"],
+        start=doc["start"],
+        end=doc["end"],
+        modes=mode_spans(events, ivs, doc["start"], doc["end"]),
+        title=f"what-if: policy {policy}, {Path(args.sites).name}",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        sites, trace, start = _load(args)
         policy = args.policy or sites.policy
-        start = parse_time(args.start) if args.start else float(trace.start)
-        if args.hours is not None and start + args.hours * 3600 > trace.end:
-            trace.require(start, start + args.hours * 3600)  # the trace's own "too short" error
         runs = COMPARE_RUNS if args.compare else ((policy, policy, args.forecaster),)
         results = {
             label: simulate(
@@ -429,52 +346,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from pilot.analysis.tables import print_table, table_rows
-
     docs = {n: r[0] for n, r in results.items()}
-    # --plot/--events describe --policy (with --forecaster or the sites' one), under --compare too
-    fc_wanted = args.forecaster or sites.forecaster
-    label = next(
-        (lb for lb, n, fc in runs if n == policy and fc in (None, fc_wanted)),
-        next(lb for lb, n, _ in runs if n == policy),
-    )
-    doc, events = results[label]
-    if args.compare:
-        ms = sum(d["policy"]["seconds"] for d in docs.values()) * 1000
-        print_table(
-            COMPARE_HEAD,
-            compare_rows(docs),
-            title=f"{Path(args.sites).name}: {doc['policy']['hours']:.1f} h, threshold "
-            f"{doc['threshold']:g} gCO2/kWh ({ms:.0f} ms for {len(docs)} policies)",
-        )
-    else:
-        head, rows = table_rows(doc)
-        print_table(head, rows, title=f"policy {policy} ({doc['policy']['seconds'] * 1000:.0f} ms)")
+    doc, events = results[_chosen(runs, policy, args.forecaster or sites.forecaster)]
+    _print_tables(args, policy, docs, doc)
     if args.json:
         Path(args.json).write_text(json.dumps(docs if args.compare else doc, indent=2) + "\n")
     if args.events:
-        # Name the inputs so `python -m pilot.analysis.report DIR` can render a simulated run as well.
-        trace_paths = args.trace or [str(sites.trace)]
-        events[0].update(
-            trace=[str(Path(p).resolve()) for p in trace_paths],
-            sites=str(Path(args.sites).resolve()),
-        )
-        Path(args.events).write_text("".join(json.dumps(e) + "\n" for e in events))
+        _write_events(args, sites, events)
     if args.plot:
-        from pilot.analysis.figure import mode_spans, timeline
-
-        ivs = Ledger.from_events(events).intervals(doc["end"])
-        timeline(
-            args.plot,
-            trace,
-            list(sites.sites),
-            ivs,
-            threshold=doc["threshold"],
-            start=doc["start"],
-            end=doc["end"],
-            modes=mode_spans(events, ivs, doc["start"], doc["end"]),
-            title=f"what-if: policy {policy}, {Path(args.sites).name}",
-        )
+        _plot(args, trace, sites, policy, doc, events)
     return 0
 
 

@@ -77,6 +77,3 @@ def print_table(
         tab.add_row(*r)
     # Piped output (logs, CI) would otherwise wrap at 80 columns and truncate site names.
     Console(width=None if sys.stdout.isatty() else 140).print(tab)
-
-
-# --- a run directory --------------------------------------------------------------------------

@@ -161,7 +161,29 @@ def parse_sites(
     unknown = set(data) - {"trace", "policy", "sites"}
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
-    pol = data.get("policy", {})
+    policy = _policy(source, data.get("policy", {}))
+    raw_sites = data.get("sites")
+    if not isinstance(raw_sites, list) or not raw_sites:
+        raise ConfigError(f"{source}: needs at least one [[sites]] table")
+    sites = [_site(f"{source}: sites[{i}]", s) for i, s in enumerate(raw_sites)]
+    names = [s.name for s in sites]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{source}: duplicate site name(s) {dup}")
+    slowest = max(s.provision_delay_s for s in sites)
+    if policy["horizon_s"] < slowest:
+        raise ConfigError(
+            f"{source}: policy.horizon_s: {policy['horizon_s']:g} s is shorter than the slowest "
+            f"provisioning delay ({slowest:g} s); the forecast could never pre-provision in time"
+        )
+    trace = _path(source, "trace", data.get("trace"), base)
+    policy["forecasts"] = _path(source, "policy.forecasts", policy["forecasts"], base)
+    return SitesConfig(sites=sites, trace=trace, **policy)
+
+
+def _policy(source: str, pol: Any) -> dict[str, Any]:
+    """The [policy] table checked and defaulted, as SitesConfig keywords ("forecasts" is still
+    the raw setting: parse_sites resolves it against the TOML file's directory)."""
     if not isinstance(pol, dict):
         raise ConfigError(f"{source}: [policy] must be a table")
     unknown = set(pol) - set(_POLICY_DEFAULTS)
@@ -199,81 +221,62 @@ def parse_sites(
     seed = p["forecast_seed"]
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"{w}.forecast_seed: must be an integer >= 0, got {seed!r}")
-
-    raw_sites = data.get("sites")
-    if not isinstance(raw_sites, list) or not raw_sites:
-        raise ConfigError(f"{source}: needs at least one [[sites]] table")
-    sites: list[Site] = []
-    for i, s in enumerate(raw_sites):
-        w = f"{source}: sites[{i}]"
-        if not isinstance(s, dict):
-            raise ConfigError(f"{w}: must be a table")
-        unknown = set(s) - _SITE_KEYS
-        if unknown:
-            raise ConfigError(
-                f"{w}: unknown key(s) {sorted(unknown)}; allowed {sorted(_SITE_KEYS)}"
-            )
-        if "name" not in s:
-            raise ConfigError(f"{w}.name: missing")
-        name = s["name"]
-        if not isinstance(name, str) or not SITE_NAME_RE.match(name):
-            raise ConfigError(f"{w}.name: {name!r} must be a lowercase DNS label (a-z, 0-9, '-')")
-        w = f"{source}: sites[{i}] ({name})"
-        for k in ("region", "gpus", "train_kw", "idle_kw", "provision_delay_s"):
-            if k not in s:
-                raise ConfigError(f"{w}.{k}: missing")
-        if not isinstance(s["region"], str) or not s["region"]:
-            raise ConfigError(f"{w}.region: must be a trace region name, got {s['region']!r}")
-        train_kw = _num(w, "train_kw", s["train_kw"], strict=True)
-        idle_kw = _num(w, "idle_kw", s["idle_kw"])
-        if idle_kw > train_kw:
-            raise ConfigError(f"{w}.idle_kw: {idle_kw} exceeds train_kw {train_kw}")
-        port = s.get("port")
-        if port is not None and (
-            isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
-        ):
-            raise ConfigError(f"{w}.port: must be an integer 1..65535, got {port!r}")
-        src = s.get("source", "trace")
-        if src not in SOURCE_NAMES:
-            raise ConfigError(f"{w}.source: {src!r} is not one of {SOURCE_NAMES}")
-        for k in _K8S_KEYS:
-            if not isinstance(s.get(k, ""), str):
-                raise ConfigError(f"{w}.{k}: must be a string, got {s[k]!r}")
-        sites.append(
-            Site(
-                name=name,
-                region=s["region"],
-                gpus=_gpus(w, s["gpus"]),
-                train_kw=train_kw,
-                idle_kw=idle_kw,
-                provision_delay_s=_num(w, "provision_delay_s", s["provision_delay_s"]),
-                port=port,
-                source=src,
-                **{k: s.get(k, "") for k in _K8S_KEYS},
-            )
-        )
-    names = [s.name for s in sites]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ConfigError(f"{source}: duplicate site name(s) {dup}")
-    slowest = max(s.provision_delay_s for s in sites)
-    if knobs["horizon_s"] < slowest:
-        raise ConfigError(
-            f"{source}: policy.horizon_s: {knobs['horizon_s']:g} s is shorter than the slowest "
-            f"provisioning delay ({slowest:g} s); the forecast could never pre-provision in time"
-        )
-    trace = _path(source, "trace", data.get("trace"), base)
-    forecasts = _path(source, "policy.forecasts", p["forecasts"], base)
-    return SitesConfig(
-        sites=sites,
-        threshold=threshold,
-        policy=p["name"],
-        forecaster=p["forecaster"],
-        hold=hold,
-        forecast_seed=seed,
-        trace=trace,
-        forecasts=forecasts,
+    return {
+        "threshold": threshold,
+        "policy": p["name"],
+        "forecaster": p["forecaster"],
+        "hold": hold,
+        "forecast_seed": seed,
+        "forecasts": p["forecasts"],
         **knobs,
+    }
+
+
+def _site(where: str, s: Any) -> Site:
+    """One [[sites]] table, checked (``where`` is "<source>: sites[i]")."""
+    if not isinstance(s, dict):
+        raise ConfigError(f"{where}: must be a table")
+    unknown = set(s) - _SITE_KEYS
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {sorted(unknown)}; allowed {sorted(_SITE_KEYS)}"
+        )
+    if "name" not in s:
+        raise ConfigError(f"{where}.name: missing")
+    name = s["name"]
+    if not isinstance(name, str) or not SITE_NAME_RE.match(name):
+        raise ConfigError(f"{where}.name: {name!r} must be a lowercase DNS label (a-z, 0-9, '-')")
+    w = f"{where} ({name})"
+    for k in ("region", "gpus", "train_kw", "idle_kw", "provision_delay_s"):
+        if k not in s:
+            raise ConfigError(f"{w}.{k}: missing")
+    if not isinstance(s["region"], str) or not s["region"]:
+        raise ConfigError(f"{w}.region: must be a trace region name, got {s['region']!r}")
+    train_kw = _num(w, "train_kw", s["train_kw"], strict=True)
+    idle_kw = _num(w, "idle_kw", s["idle_kw"])
+    if idle_kw > train_kw:
+        raise ConfigError(f"{w}.idle_kw: {idle_kw} exceeds train_kw {train_kw}")
+    port = s.get("port")
+    if port is not None and (
+        isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
+    ):
+        raise ConfigError(f"{w}.port: must be an integer 1..65535, got {port!r}")
+    src = s.get("source", "trace")
+    if src not in SOURCE_NAMES:
+        raise ConfigError(f"{w}.source: {src!r} is not one of {SOURCE_NAMES}")
+    for k in _K8S_KEYS:
+        if not isinstance(s.get(k, ""), str):
+            raise ConfigError(f"{w}.{k}: must be a string, got {s[k]!r}")
+    return Site(
+        name=name,
+        region=s["region"],
+        gpus=_gpus(w, s["gpus"]),
+        train_kw=train_kw,
+        idle_kw=idle_kw,
+        provision_delay_s=_num(w, "provision_delay_s", s["provision_delay_s"]),
+        port=port,
+        source=src,
+        **{k: s.get(k, "") for k in _K8S_KEYS},
     )
 
 

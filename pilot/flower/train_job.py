@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,11 @@ from nanochat.paths import atomic_write
 from pilot.flower.messages import TrainOrder, TrainReport
 from pilot.infra.procs import free_port
 from pilot.infra.signals import ENV_URL as ENV_REDIS
+
+if TYPE_CHECKING:  # hints only: the helpers below import these when a job runs
+    from nanochat.dataloader import DataLoader
+    from nanochat.gpt import GPT
+    from nanochat.train import TrainConfig, TrainResult
 
 # How often a training process asks Redis for its stop key: cheap enough per step, but a
 # step can be milliseconds on a tiny model, so rate-limit instead of asking every step.
@@ -175,46 +180,25 @@ def _worker(
     rank: int,
     world: int,
 ) -> tuple[dict[str, torch.Tensor] | None, TrainReport]:
-    from nanochat.dataloader import DataLoader
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.tokenizer import Tokenizer
     from nanochat.train import TrainConfig, run
 
     cfg = TrainConfig.from_dict(job.train_config)
     torch.manual_seed(cfg.seed + job.global_step + rank)
-    model = GPT(GPTConfig.from_depth(cfg.depth, cfg.vocab_size, cfg.sequence_len)).to(device)
-    model.load_state_dict(weights)  # copy_ casts a bf16 transfer back to fp32 parameters
-    optimizers = model.setup_optimizers(
-        unembedding_lr=cfg.unembedding_lr,
-        embedding_lr=cfg.embedding_lr,
-        matrix_lr=cfg.matrix_lr,
-        weight_decay=cfg.weight_decay,
-    )
+    model, optimizers = _model(cfg, weights, device)
     restored = _restore_inner(optimizers, job, rank, world)
     # Every rank polls the stop key (the stop vote in nanochat.train.run is joint) and asks for
     # its own data refills; only rank 0 publishes metrics and power.
     sig = _connect_signals(job.run)
-    loader = DataLoader(
-        Tokenizer.load(job.tokenizer_dir),
-        job.data_dir,
-        cfg.device_batch_size,
-        cfg.sequence_len,
-        chunks=job.assignment["chunks"],
-        start_rows=job.assignment["start_rows"],
-        rank=rank,
-        world=world,
-        device=device,
-        refill=_refiller(sig, job, rank, world),
-        packing=cfg.packing,
-    )
+    publish = sig is not None and rank == 0
+    loader = _loader(job, cfg, device, rank, world, _refiller(sig, job, rank, world))
 
     def on_step(step: int, loss: float, tok_s: float, lrm: float) -> None:
-        if sig is not None and rank == 0:
+        if publish:
             sig.log_step(job.site, step=step, loss=loss, tok_s=tok_s, lr=lrm, round=job.round)
 
     energy = _Energy(device)
     # The simulation's GPU actor turns the state word into the site's power model.
-    if sig is not None and rank == 0:
+    if publish:
         sig.set_power(job.site, "train")
     try:
         res = run(
@@ -231,15 +215,69 @@ def _worker(
             autocast_ctx=autocast_ctx,
         )
     finally:
-        if sig is not None and rank == 0:
+        if publish:
             sig.set_power(job.site, "idle")
     _save_inner(optimizers, job, rank, world)
-    result = TrainReport(
+    result = _report(job, res, energy.joules(), device, world, restored)
+    if rank != 0:
+        return None, result
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, result
+
+
+def _model(
+    cfg: TrainConfig, weights: dict[str, torch.Tensor], device: torch.device
+) -> tuple[GPT, list[torch.optim.Optimizer]]:
+    """The global model on ``device`` and fresh optimizers for it."""
+    from nanochat.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig.from_depth(cfg.depth, cfg.vocab_size, cfg.sequence_len)).to(device)
+    model.load_state_dict(weights)  # copy_ casts a bf16 transfer back to fp32 parameters
+    optimizers = model.setup_optimizers(
+        unembedding_lr=cfg.unembedding_lr,
+        embedding_lr=cfg.embedding_lr,
+        matrix_lr=cfg.matrix_lr,
+        weight_decay=cfg.weight_decay,
+    )
+    return model, optimizers
+
+
+def _loader(
+    job: Job, cfg: TrainConfig, device: torch.device, rank: int, world: int, refill: Callable | None
+) -> DataLoader:
+    """This rank's DataLoader over the site's data assignment."""
+    from nanochat.dataloader import DataLoader
+    from nanochat.tokenizer import Tokenizer
+
+    return DataLoader(
+        Tokenizer.load(job.tokenizer_dir),
+        job.data_dir,
+        cfg.device_batch_size,
+        cfg.sequence_len,
+        chunks=job.assignment["chunks"],
+        start_rows=job.assignment["start_rows"],
+        rank=rank,
+        world=world,
+        device=device,
+        refill=refill,
+        packing=cfg.packing,
+    )
+
+
+def _report(
+    job: Job,
+    res: TrainResult,
+    energy_j: float | None,
+    device: torch.device,
+    world: int,
+    restored: bool,
+) -> TrainReport:
+    """The summary of one rank's training (nanochat.train.run's result) for the ServerApp."""
+    return TrainReport(
         site=job.site,
         tokens=res.tokens,
         steps=res.steps,
         loss=statistics.fmean(res.losses) if res.losses else None,
-        energy_j=energy.joules(),
+        energy_j=energy_j,
         # read, not trained on: cut off by the packing, or still held by best-fit at the end
         cropped_tokens=int(res.stats.get("cropped_tokens", 0) + res.stats.get("held_tokens", 0)),
         consumed=res.consumed,
@@ -252,9 +290,6 @@ def _worker(
         world=world,
         inner_restored=restored,
     )
-    if rank != 0:
-        return None, result
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, result
 
 
 def _spawned(rank: int, world: int, port: int, job: Job, workdir: str) -> None:

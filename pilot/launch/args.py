@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+# The `up` options sit on both the top-level parser and `up`, so `curtail-llm --x` and
+# `curtail-llm up --x` both work; one not given leaves no attribute, and DEFAULTS fills it in.
+_UNSET = argparse.SUPPRESS
+
 # command line
 
 
@@ -38,7 +42,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def add_up_args(p: argparse.ArgumentParser) -> None:
-    d = argparse.SUPPRESS  # so `curtail-llm --x` and `curtail-llm up --x` both work
+    """The `up` options, none with a parser default (see _UNSET)."""
+    _add_run_args(p)
+    _add_stack_args(p)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """What runs: the preset, its sites and trace, and the simulated span."""
+    d = _UNSET
     p.add_argument("--preset", default=d, help="preset name in configs/ (default cpu-demo)")
     p.add_argument(
         "--trace",
@@ -64,6 +75,11 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
         default=d,
         help="simulate only this many hours of the trace (default: to its end)",
     )
+
+
+def _add_stack_args(p: argparse.ArgumentParser) -> None:
+    """How the stack runs: the SuperLink's port and security, overrides, output, time limit."""
+    d = _UNSET
     p.add_argument("--port", type=int, default=d, help="SuperLink port (0: a free one)")
     p.add_argument(
         "--tls",

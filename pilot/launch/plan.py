@@ -67,49 +67,13 @@ def load_preset(name: str) -> tuple[Path, dict[str, Any]]:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
+    """The plan for `curtail-llm up`: every option checked before anything starts."""
     opts = {**DEFAULTS, **vars(args)}
     preset_path, preset = load_preset(opts["preset"])
     launch = preset.get("launch", {})
-
-    from pilot.config.sites import load_sites
-
-    if not opts["sites"] and not launch.get("sites"):
-        raise LaunchError(f"preset {preset_path} has no [launch] sites: pass --sites FILE")
-    sites = resolve(opts["sites"], Path.cwd()) if opts["sites"] else resolve(launch["sites"], REPO)
-    if not sites.is_file():
-        raise LaunchError(
-            f"sites file not found: {sites} — pass an existing sites TOML with --sites"
-        )
-    sites_cfg = load_sites(sites)  # ConfigError (a ValueError) names the field
-    # a trace only for the sites that replay one; live sites read their provider
-    trace: list[str] = []
-    trace_obj = None
-    if sites_cfg.trace_regions:
-        if not opts["trace"] and not launch.get("trace"):
-            raise LaunchError(f"preset {preset_path} has no [launch] trace: pass --trace FILE")
-        if opts["trace"]:
-            trace = [trace_path(t, Path.cwd()) for t in opts["trace"]]
-        else:
-            trace = [trace_path(launch["trace"], REPO)]
-        trace_obj = check_trace_covers_sites(trace, sites_cfg)
-
-    speedup = float(opts["speedup"] or launch.get("speedup", 1.0))
-    if speedup <= 0:
-        raise LaunchError(f"--speedup must be > 0 (got {speedup})")
-    # The preset's replay window belongs to the preset's own trace; another --trace is
-    # replayed from its start unless --start/--hours say otherwise.
-    own = {} if opts["trace"] else launch
-    start = opts["start"] if opts["start"] is not None else own.get("start")
-    hours = opts["hours"] if opts["hours"] is not None else own.get("hours")
-    if hours is not None and float(hours) <= 0:
-        raise LaunchError(f"--hours must be > 0 (got {hours})")
-    if sites_cfg.live and (speedup != 1 or start is not None):
-        raise LaunchError(
-            f"{sites} names live signal sources: they run in real time from now, so drop"
-            " --speedup/--start (or the preset's speedup/start)"
-        )
-    if trace_obj is not None and (start is not None or hours is not None):
-        check_span(trace_obj, start, None if hours is None else float(hours))
+    sites, sites_cfg = _sites(opts, launch, preset_path)
+    trace, trace_obj = _trace(opts, launch, preset_path, sites_cfg)
+    speedup, start, hours = _replay_window(opts, launch, sites, sites_cfg, trace_obj)
 
     run_name = opts["run_name"] or f"{preset_path.stem}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run_name):
@@ -120,40 +84,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
     port = opts["port"] if opts["port"] is not None else int(launch.get("superlink_port", 0))
     port = claim_port(port, "--port")
-
-    # Only keys declared in pyproject's [tool.flwr.app.config] may be overridden.
-    preset_ref = str(preset_path) if opts["preset"].endswith(".toml") else opts["preset"]
-    run_config: dict[str, Any] = {"preset": preset_ref, "run-name": run_name}
-    if opts["sites"]:
-        run_config["sites"] = str(sites)
-    if opts["steps"] is not None:
-        if opts["steps"] <= 0:
-            raise LaunchError(f"--steps must be > 0 (got {opts['steps']})")
-        run_config["num-iterations"] = opts["steps"]
-    keys = run_config_keys()
-    for item in opts["set"]:
-        key, sep, value = (x.strip() for x in item.partition("="))
-        if not sep or not key:
-            raise LaunchError(f"--set {item!r}: write KEY=VALUE, e.g. --set superlink=HOST:PORT")
-        if key not in keys:
-            raise LaunchError(f"--set {key}: not a run-config key; use one of {', '.join(keys)}")
-        run_config[key] = parse_value(value)
-
+    run_config = _run_config(opts, preset_path, run_name, sites)
     redis_url = opts["redis_url"]
     if redis_url:
         check_redis(redis_url)
-
-    supernode_auth = bool(_opt(opts, launch, "supernode_auth"))
-    tls = supernode_auth or bool(_opt(opts, launch, "tls"))
-    certs = {k: resolve(launch[k], REPO) for k in SSL_KEYS if launch.get(k)}
-    if certs and (len(certs) < len(SSL_KEYS) or not tls):
-        raise LaunchError(
-            f"preset {preset_path}: set all of {', '.join(SSL_KEYS)} together with tls = true,"
-            " or none of them (a private CA is then made for the run)"
-        )
-    for key, path in certs.items():
-        if not path.is_file():
-            raise LaunchError(f"preset {preset_path}: {key} {path} not found")
+    tls, supernode_auth, certs = _security(opts, launch, preset_path)
 
     return Plan(
         preset=opts["preset"],
@@ -178,6 +113,102 @@ def make_plan(args: argparse.Namespace) -> Plan:
         supernode_auth=supernode_auth,
         certs=certs,
     )
+
+
+def _sites(opts: dict[str, Any], launch: dict[str, Any], preset_path: Path) -> tuple[Path, Any]:
+    """The sites file (--sites, else the preset's) and its parsed SitesConfig."""
+    from pilot.config.sites import load_sites
+
+    if not opts["sites"] and not launch.get("sites"):
+        raise LaunchError(f"preset {preset_path} has no [launch] sites: pass --sites FILE")
+    sites = resolve(opts["sites"], Path.cwd()) if opts["sites"] else resolve(launch["sites"], REPO)
+    if not sites.is_file():
+        raise LaunchError(
+            f"sites file not found: {sites} — pass an existing sites TOML with --sites"
+        )
+    return sites, load_sites(sites)  # ConfigError (a ValueError) names the field
+
+
+def _trace(
+    opts: dict[str, Any], launch: dict[str, Any], preset_path: Path, sites_cfg: Any
+) -> tuple[list[str], Any]:
+    """(trace files, loaded Trace): a trace only for the sites that replay one; live sites
+    read their provider, so an all-live set needs none ([], None)."""
+    if not sites_cfg.trace_regions:
+        return [], None
+    if not opts["trace"] and not launch.get("trace"):
+        raise LaunchError(f"preset {preset_path} has no [launch] trace: pass --trace FILE")
+    if opts["trace"]:
+        trace = [trace_path(t, Path.cwd()) for t in opts["trace"]]
+    else:
+        trace = [trace_path(launch["trace"], REPO)]
+    return trace, check_trace_covers_sites(trace, sites_cfg)
+
+
+def _replay_window(
+    opts: dict[str, Any], launch: dict[str, Any], sites: Path, sites_cfg: Any, trace_obj: Any
+) -> tuple[float, str | None, float | None]:
+    """(speed-up, start, hours) of the simulated time, checked against the trace."""
+    speedup = float(opts["speedup"] or launch.get("speedup", 1.0))
+    if speedup <= 0:
+        raise LaunchError(f"--speedup must be > 0 (got {speedup})")
+    # The preset's replay window belongs to the preset's own trace; another --trace is
+    # replayed from its start unless --start/--hours say otherwise.
+    own = {} if opts["trace"] else launch
+    start = opts["start"] if opts["start"] is not None else own.get("start")
+    hours = opts["hours"] if opts["hours"] is not None else own.get("hours")
+    if hours is not None and float(hours) <= 0:
+        raise LaunchError(f"--hours must be > 0 (got {hours})")
+    if sites_cfg.live and (speedup != 1 or start is not None):
+        raise LaunchError(
+            f"{sites} names live signal sources: they run in real time from now, so drop"
+            " --speedup/--start (or the preset's speedup/start)"
+        )
+    if trace_obj is not None and (start is not None or hours is not None):
+        check_span(trace_obj, start, None if hours is None else float(hours))
+    return speedup, start, hours
+
+
+def _run_config(
+    opts: dict[str, Any], preset_path: Path, run_name: str, sites: Path
+) -> dict[str, Any]:
+    """The Flower app's run-config overrides. Only keys declared in pyproject's
+    [tool.flwr.app.config] may be overridden."""
+    preset_ref = str(preset_path) if opts["preset"].endswith(".toml") else opts["preset"]
+    run_config: dict[str, Any] = {"preset": preset_ref, "run-name": run_name}
+    if opts["sites"]:
+        run_config["sites"] = str(sites)
+    if opts["steps"] is not None:
+        if opts["steps"] <= 0:
+            raise LaunchError(f"--steps must be > 0 (got {opts['steps']})")
+        run_config["num-iterations"] = opts["steps"]
+    keys = run_config_keys()
+    for item in opts["set"]:
+        key, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or not key:
+            raise LaunchError(f"--set {item!r}: write KEY=VALUE, e.g. --set superlink=HOST:PORT")
+        if key not in keys:
+            raise LaunchError(f"--set {key}: not a run-config key; use one of {', '.join(keys)}")
+        run_config[key] = parse_value(value)
+    return run_config
+
+
+def _security(
+    opts: dict[str, Any], launch: dict[str, Any], preset_path: Path
+) -> tuple[bool, bool, dict[str, Path]]:
+    """(tls, supernode_auth, the preset's certificate files): SuperNode auth implies TLS."""
+    supernode_auth = bool(_opt(opts, launch, "supernode_auth"))
+    tls = supernode_auth or bool(_opt(opts, launch, "tls"))
+    certs = {k: resolve(launch[k], REPO) for k in SSL_KEYS if launch.get(k)}
+    if certs and (len(certs) < len(SSL_KEYS) or not tls):
+        raise LaunchError(
+            f"preset {preset_path}: set all of {', '.join(SSL_KEYS)} together with tls = true,"
+            " or none of them (a private CA is then made for the run)"
+        )
+    for key, path in certs.items():
+        if not path.is_file():
+            raise LaunchError(f"preset {preset_path}: {key} {path} not found")
+    return tls, supernode_auth, certs
 
 
 def _opt(opts: dict[str, Any], launch: dict[str, Any], key: str) -> Any:

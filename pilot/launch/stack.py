@@ -125,74 +125,116 @@ class Outcome:
 
 def run_stack(plan: Plan, view: LiveView) -> Outcome:
     """Bring the stack up, watch the run until it ends, tear everything down."""
-    import redis
-
-    from pilot.infra.signals import Signals, connect
-    from pilot.infra.valkey import EmbeddedValkey
-
-    logs = plan.run_dir / "logs"
-    procs = ProcessSet(logs)
-    valkey = None
+    stack = Stack(plan, view)
     try:
-        # 1. Redis
-        url = plan.redis_url
+        stack.redis()
+        overrides = stack.superlink()
+        failed = stack.flwr_run(overrides)
+        if failed is not None:
+            return failed
+        stack.energy_simulation()
+        return stack.watch()
+    except ChildExited as e:
+        return Outcome("failed", str(e))
+    finally:
+        stack.close()
+
+
+class Stack:
+    """One launch's processes. Each bring-up step is a method, checked before the next one
+    starts; close() tears down whatever was started, however far bring-up got."""
+
+    def __init__(self, plan: Plan, view: LiveView):
+        self.plan, self.view = plan, view
+        self.logs = plan.run_dir / "logs"
+        self.procs = ProcessSet(self.logs)
+        self.valkey: Any = None  # pilot.infra.valkey.EmbeddedValkey, when we started one
+        self.url = ""  # the Redis URL (it carries the password): children get it in their env
+        self.sig: Any = None  # pilot.infra.signals.Signals of the run, read by the view
+        self.env: dict[str, str] = {}  # the Flower children's environment
+        self.flwr: subprocess.Popen | None = None  # `flwr run --stream`
+        self.run_id = ""
+
+    def redis(self) -> None:
+        """An embedded Valkey (or the plan's Redis), an empty namespace for the run, and the
+        view attached to it."""
+        import redis
+
+        from pilot.infra.signals import Signals, connect
+        from pilot.infra.valkey import EmbeddedValkey
+
+        plan = self.plan
         try:
-            if url is None:
+            if plan.redis_url is None:
                 # Its config file (holding the password) is in a private temp dir, removed on stop.
-                valkey = EmbeddedValkey(password=secrets.token_urlsafe(24))
-                url = valkey.start().url
+                self.valkey = EmbeddedValkey(password=secrets.token_urlsafe(24))
+                self.url = self.valkey.start().url
+            else:
+                self.url = plan.redis_url
             # A clear error (URL redacted) if the server refuses us; then an empty namespace
             # for the run, so nobody reads a past run's status or events under the same name.
-            Signals(connect(url), plan.run_name).clear()
+            Signals(connect(self.url), plan.run_name).clear()
         except (RuntimeError, ConnectionError) as e:
             raise LaunchError(f"Redis is not usable: {e}") from None
         # The view gets its own client without retries: a Redis that went away must not
         # stall the watch loop or the teardown in connection back-off.
-        client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2)
-        sig = Signals(client, plan.run_name)
-        view.attach(sig)
-        view.phase("Redis ready")
+        client = redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=2)
+        self.sig = Signals(client, plan.run_name)
+        self.view.attach(self.sig)
+        self.view.phase("Redis ready")
 
-        # 2. SuperLink, with a private FLWR_HOME
+    def superlink(self) -> dict[str, str]:
+        """The SuperLink, with a private FLWR_HOME; returns the run-config overrides the
+        provisioned SuperNodes need to reach it (its CA, their registered keys)."""
+        plan = self.plan
         security, ca_cert = superlink_security(plan)
         flwr_home = write_flwr_home(plan.run_dir / "flwr-home", plan.port, ca_cert)
-        env = child_env(url, FLWR_HOME=str(flwr_home))
+        self.env = child_env(self.url, FLWR_HOME=str(flwr_home))
         argv = ["flower-superlink", *security, "--disable-runtime-dependency-installation"]
         argv += ["--host", "127.0.0.1", "--port", str(plan.port)]
-        procs.start("superlink", argv, env=env, cwd=plan.run_dir)
-        wait_for(lambda: port_open(plan.port), 60, "the Flower SuperLink", procs)
-        view.phase(f"SuperLink on 127.0.0.1:{plan.port}" + (" (TLS)" if ca_cert else ""))
+        self.procs.start("superlink", argv, env=self.env, cwd=plan.run_dir)
+        wait_for(lambda: port_open(plan.port), 60, "the Flower SuperLink", self.procs)
+        self.view.phase(f"SuperLink on 127.0.0.1:{plan.port}" + (" (TLS)" if ca_cert else ""))
         # The provisioned SuperNodes verify the SuperLink with the CA and sign with their key.
         overrides = {"root-certificates": str(ca_cert)} if ca_cert else {}
         if plan.supernode_auth:
-            overrides["supernode-auth-keys"] = str(register_supernodes(plan, env))
-            view.phase(f"{len(plan.sites_config.names)} SuperNode keys registered")
+            overrides["supernode-auth-keys"] = str(register_supernodes(plan, self.env))
+            self.view.phase(f"{len(plan.sites_config.names)} SuperNode keys registered")
+        return overrides
 
-        # 3. the run; the ServerApp provisions SuperNodes itself
+    def flwr_run(self, overrides: dict[str, str]) -> Outcome | None:
+        """`flwr run --stream`: the ServerApp, which provisions the SuperNodes itself. None once
+        the run has started; the failed Outcome when flwr run could not start it."""
+        plan = self.plan
         run_config = plan.run_dir / "run-config.toml"
         run_config.write_text(
             "".join(f"{k} = {toml_value(v)}\n" for k, v in {**plan.run_config, **overrides}.items())
         )
         argv = ["flwr", "run", str(REPO), CONNECTION, "--stream", "--run-config", str(run_config)]
-        flwr = procs.start("flwr-run", argv, env=env, cwd=REPO, critical=False)
-        run_log = logs / "flwr-run.log"
+        flwr = self.procs.start("flwr-run", argv, env=self.env, cwd=REPO, critical=False)
+        self.flwr = flwr
+        run_log = self.logs / "flwr-run.log"
         wait_for(
             lambda: flwr_run_id(run_log) is not None or flwr.poll() is not None,
             120,
             "the Flower run",
-            procs,
+            self.procs,
         )
         run_id = flwr_run_id(run_log)
         if run_id is None:
-            procs.check()  # a dead SuperLink is the cause, not flwr run's reaction to it
+            self.procs.check()  # a dead SuperLink is the cause, not flwr run's reaction to it
             lines = [ln for ln in tail(run_log, 20).splitlines() if ln.strip()]
             return Outcome(
                 "failed", f"flwr run could not start the run: {lines[-1] if lines else '?'}"
             )
-        view.phase(f"Flower run {run_id} started")
+        self.run_id = run_id
+        self.view.phase(f"Flower run {run_id} started")
+        return None
 
-        # 4. energy simulation. Started last on purpose: the ServerApp waits for its clock, so
-        # no simulated time passes unseen while Flower and the ServerApp are still starting.
+    def energy_simulation(self) -> None:
+        """The energy simulation. Started last on purpose: the ServerApp waits for its clock, so
+        no simulated time passes unseen while Flower and the ServerApp are still starting."""
+        plan = self.plan
         argv = [sys.executable, str(REPO / "energy_simulation.py"), "--run", plan.run_name]
         argv += ["--sites", str(plan.sites), "--speedup", str(plan.speedup)]
         if plan.trace:
@@ -208,34 +250,39 @@ def run_stack(plan: Plan, view: LiveView) -> Outcome:
         if plan.hours:
             argv += ["--hours", str(plan.hours)]
         # It exits 0 at the end of the span; the ServerApp then ends the run ("trace_end").
-        procs.start("energy", argv, env=child_env(url), cwd=REPO, may_finish=True)
-        wait_for(lambda: sig.status() is not None, 60, "the energy simulation", procs)
-        view.phase("running")
+        self.procs.start("energy", argv, env=child_env(self.url), cwd=REPO, may_finish=True)
+        wait_for(lambda: self.sig.status() is not None, 60, "the energy simulation", self.procs)
+        self.view.phase("running")
 
-        # 5. watch until `flwr run --stream` returns (the run has ended)
+    def watch(self) -> Outcome:
+        """Refresh the view until `flwr run --stream` returns (the run has ended)."""
+        plan, flwr = self.plan, self.flwr
+        assert flwr is not None, "flwr_run() first"
         deadline = time.monotonic() + plan.timeout if plan.timeout else None
         while flwr.poll() is None:
-            procs.check()
-            view.refresh()
+            self.procs.check()
+            self.view.refresh()
             if deadline and time.monotonic() > deadline:
-                return Outcome("timeout", f"gave up after {plan.timeout:.0f} s (--timeout)", run_id)
+                return Outcome(
+                    "timeout", f"gave up after {plan.timeout:.0f} s (--timeout)", self.run_id
+                )
             time.sleep(0.5)
-        procs.check()  # flwr run may notice a crashed SuperLink before the loop does
-        view.refresh()
-        status, detail = flwr_run_status(run_id, env)
+        self.procs.check()  # flwr run may notice a crashed SuperLink before the loop does
+        self.view.refresh()
+        status, detail = flwr_run_status(self.run_id, self.env)
         if flwr.returncode != 0 and status == "completed":
             status, detail = "failed", f"flwr run exited with {flwr.returncode}"
-        return Outcome(status, detail, run_id)
-    except ChildExited as e:
-        return Outcome("failed", str(e))
-    finally:
+        return Outcome(status, detail, self.run_id)
+
+    def close(self) -> None:
+        """Stop every child and the embedded Valkey."""
         # A second Ctrl-C must not cut the teardown short and leave processes behind.
         with signals_deferred():
-            view.detach()  # last look at Redis while it is still up
-            view.phase("stopping")
-            procs.close(timeout=float(plan.launch.get("stop_timeout_s", 10)))
-            if valkey is not None:
-                valkey.stop()
+            self.view.detach()  # last look at Redis while it is still up
+            self.view.phase("stopping")
+            self.procs.close(timeout=float(self.plan.launch.get("stop_timeout_s", 10)))
+            if self.valkey is not None:
+                self.valkey.stop()
 
 
 def toml_value(v: Any) -> str:

@@ -4,12 +4,7 @@ the ServerApp's events), so it shows what the system itself recorded.
 On a terminal it is a `rich` table refreshed in place; elsewhere (CI, pipes, `--no-live`) it
 prints one line per event plus a status line now and then, which keeps logs readable.
 
-Per-site state, from the events stream (schema in pilot/analysis/report.py):
-    training      in a round (round_start / join) until it leaves, the round ends or it goes
-    provisioning  provision_started .. provision_complete
-    idle          provisioned and ready, not training
-    curtailed     not provisioned, but its grid is in a curtailment window right now
-    off           none of the above
+Per-site state (ViewState) is folded from the events stream (schema in pilot/events/schema.py).
 Energy and emissions so far come from pilot.energy.carbon over the events seen, with the rounds still
 running counted as training up to the current simulated time.
 """
@@ -18,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from enum import StrEnum
 from typing import Any
 
 from rich.console import Console, Group
@@ -27,12 +23,26 @@ from rich.text import Text
 
 from pilot.events.log import NOTABLE, describe, hhmm, num
 
+
+class ViewState(StrEnum):
+    """A site as the view shows it, from the events recorded so far and its grid's signal. Not
+    pilot.control.fleet.SiteState: that is the control loop's own bookkeeping (ready, leaving,
+    failed), which the events do not spell out."""
+
+    TRAINING = "training"  # round_start / join .. leave, round_end or deprovision
+    PROVISIONING = "provisioning"  # provision_started .. provision_complete
+    IDLE = "idle"  # provisioned and ready, not training
+    WARM = "warm"  # left its round warm: still provisioned, idle
+    CURTAILED = "curtailed"  # off, but its grid is in a curtailment window right now
+    OFF = "off"  # none of the above (or deprovisioned)
+
+
 STATE_STYLE = {
-    "training": "bold green",
-    "provisioning": "yellow",
-    "idle": "cyan",
-    "curtailed": "magenta",
-    "off": "dim",
+    ViewState.TRAINING: "bold green",
+    ViewState.PROVISIONING: "yellow",
+    ViewState.IDLE: "cyan",
+    ViewState.CURTAILED: "magenta",
+    ViewState.OFF: "dim",
 }
 MODE_STYLE = {"PAUSE": "dim", "LOCAL": "yellow", "FEDERATED": "bold green"}
 CARBON_EVERY_S = 2.0  # recomputing energy/emissions is cheap, but not every 0.5 s refresh
@@ -45,7 +55,7 @@ class RunState:
     def __init__(self, trace: Any = None, sites_config: Any = None):
         self.trace, self.sites_config = trace, sites_config
         self.sites: list[str] = [s.name for s in sites_config.sites] if sites_config else []
-        self.state: dict[str, str] = dict.fromkeys(self.sites, "off")
+        self.state: dict[str, ViewState] = dict.fromkeys(self.sites, ViewState.OFF)
         self.train_since: dict[str, float] = {}
         self.signal: dict[str, dict] = {}
         self.last_log: dict[str, dict] = {}
@@ -69,7 +79,7 @@ class RunState:
     def _site(self, s: str) -> None:
         if s not in self.state:
             self.sites.append(s)
-            self.state[s] = "off"
+            self.state[s] = ViewState.OFF
 
     def observe(self, ev: dict) -> None:
         kind, site, t = ev.get("kind"), ev.get("site"), float(ev.get("t", 0.0))
@@ -80,25 +90,25 @@ class RunState:
             self.mode = str(ev.get("mode", self.mode))
             self.modes_seen.add(self.mode)
         elif kind == "provision_started" and site:
-            self.state[site] = "provisioning"
+            self.state[site] = ViewState.PROVISIONING
         elif kind == "provision_complete" and site:
-            self.state[site] = "idle"
+            self.state[site] = ViewState.IDLE
         elif kind == "round_start":
             self.round = int(ev.get("round", self.round or 0))
             for s in ev.get("sites", []):
                 self._site(s)
-                self.state[s], self.train_since[s] = "training", t
+                self.state[s], self.train_since[s] = ViewState.TRAINING, t
         elif kind == "join" and site:
             self.joins += 1
-            self.state[site], self.train_since[site] = "training", t
+            self.state[site], self.train_since[site] = ViewState.TRAINING, t
         elif kind == "leave" and site:
             self.leaves += 1
-            self._stop_training(site, "warm" if ev.get("warm") else "idle")
+            self._stop_training(site, ViewState.WARM if ev.get("warm") else ViewState.IDLE)
         elif kind == "round_end":
             for s in ev.get("sites", []):
-                self._stop_training(s, "idle")
+                self._stop_training(s, ViewState.IDLE)
         elif kind == "deprovision" and site:
-            self._stop_training(site, "off")
+            self._stop_training(site, ViewState.OFF)
         elif kind == "validation":
             self.val_bpb = ev.get("bpb", self.val_bpb)
         elif kind == "aggregate":
@@ -108,9 +118,9 @@ class RunState:
         if kind in NOTABLE:
             self.recent.append(describe(ev))
 
-    def _stop_training(self, site: str, new: str) -> None:
+    def _stop_training(self, site: str, new: ViewState) -> None:
         self.train_since.pop(site, None)
-        if site in self.state and (self.state[site] == "training" or new == "off"):
+        if site in self.state and (self.state[site] is ViewState.TRAINING or new is ViewState.OFF):
             self.state[site] = new
 
     def update_signals(self, meta: dict, sites: dict[str, dict]) -> None:
@@ -122,10 +132,10 @@ class RunState:
             self._site(s)
             self.signal[s] = sig
 
-    def shown_state(self, site: str) -> str:
-        st = self.state.get(site, "off")
-        if st == "off" and self.signal.get(site, {}).get("curtailed"):
-            return "curtailed"
+    def shown_state(self, site: str) -> ViewState:
+        st = self.state.get(site, ViewState.OFF)
+        if st is ViewState.OFF and self.signal.get(site, {}).get("curtailed"):
+            return ViewState.CURTAILED
         return st
 
     def update_carbon(self, force: bool = False) -> None:
@@ -135,7 +145,7 @@ class RunState:
         if not force and time.monotonic() - self._carbon_at < CARBON_EVERY_S:
             return
         self._carbon_at = time.monotonic()
-        from pilot.energy.carbon import Interval, integrate, mci_fn, site_pieces
+        from pilot.energy.accounting import Interval, integrate, mci_fn, site_pieces
 
         now = self.sim_now
         ivs = self.ledger.intervals(end=max(now, self.ledger.last_t or now))
@@ -273,7 +283,7 @@ class LiveView:
         stream, so plain output shows progress inside a long round, not only at its end."""
         shown = self.state.shown_state(site)
         log = self.state.last_log.get(site, {})
-        if shown != "training" or "step" not in log:
+        if shown is not ViewState.TRAINING or "step" not in log:
             return f"{site}:{shown}"
         return f"{site}:training(step {num(log['step'], '.0f')} loss {num(log.get('loss'), '.3f')})"
 
