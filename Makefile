@@ -21,7 +21,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -ra --durations=20
+	$(BIN)/pytest -q -ra --durations=30 -n 2
 
 # Kubernetes end to end (two API servers, the process kubelet, real SuperNodes; needs root
 # and ../shared/k8s): ~6 min, so not part of `make test`

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -75,3 +76,14 @@ def device_teardown() -> None:
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_rank() -> None:
+    """End a spawned rank that has written its results and left the process group, skipping
+    the interpreter's own teardown: gloo's connection threads can abort it ("terminate called
+    without an active exception", SIGABRT) when the peer rank exits first, which fails a
+    finished job. Exit code 0, as torch.multiprocessing.spawn expects of a rank that
+    succeeded."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

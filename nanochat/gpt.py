@@ -160,10 +160,13 @@ class GPT(nn.Module):
             nn.init.uniform_(block.mlp.c_fc.weight, -s, s)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-        # Buffers are not created on the meta device by to_empty(): recompute them here.
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """The rotary tables, on the weights' device: to_empty() after a meta-device build
+        leaves buffers uninitialised, and they are not in the state_dict to load."""
         device = self.transformer.wte.weight.device
-        cos, sin = self._rotary_tables(self.rotary_seq_len, device=device)
-        self.cos, self.sin = cos, sin
+        self.cos, self.sin = self._rotary_tables(self.rotary_seq_len, device=device)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

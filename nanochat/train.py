@@ -106,25 +106,45 @@ def compiled(model: GPT, backend: str) -> torch.nn.Module:
     return torch.compile(model, backend=backend, dynamic=False)
 
 
-def build_model(
-    cfg: TrainConfig, device: str | torch.device = "cpu"
-) -> tuple[GPT, list[torch.optim.Optimizer]]:
-    """A freshly initialised GPT for cfg (seeded by cfg.seed) and its [AdamW, Muon]."""
-    model_cfg = GPTConfig.from_depth(
-        cfg.depth, vocab_size=cfg.vocab_size, sequence_len=cfg.sequence_len
-    )
-    torch.manual_seed(cfg.seed)
-    with torch.device("meta"):  # allocate once, on the target device, then initialise there
-        model = GPT(model_cfg)
+def model_config(cfg: TrainConfig) -> GPTConfig:
+    return GPTConfig.from_depth(cfg.depth, vocab_size=cfg.vocab_size, sequence_len=cfg.sequence_len)
+
+
+def empty_model(cfg: TrainConfig, device: str | torch.device = "cpu") -> GPT:
+    """cfg's GPT allocated once, on ``device`` (built on the meta device, no init pass), its
+    rotary buffers set and its weights uninitialised: for a caller that loads weights."""
+    with torch.device("meta"):
+        model = GPT(model_config(cfg))
     model.to_empty(device=device)
-    model.init_weights()
-    optimizers = model.setup_optimizers(
+    model.init_buffers()
+    return model
+
+
+def build_model(
+    cfg: TrainConfig,
+    device: str | torch.device = "cpu",
+    weights: dict[str, torch.Tensor] | None = None,
+) -> tuple[GPT, list[torch.optim.Optimizer]]:
+    """cfg's GPT and its [AdamW, Muon]: freshly initialised (seeded by cfg.seed), or started
+    from ``weights`` (a round's global model; a bf16 transfer is cast back to fp32)."""
+    if weights is None:
+        torch.manual_seed(cfg.seed)
+    model = empty_model(cfg, device)
+    if weights is None:
+        model.init_weights()
+    else:
+        model.load_state_dict(weights)
+    return model, optimizers_for(model, cfg)
+
+
+def optimizers_for(model: GPT, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """Fresh [AdamW, Muon] for ``model`` with cfg's learning rates."""
+    return model.setup_optimizers(
         unembedding_lr=cfg.unembedding_lr,
         embedding_lr=cfg.embedding_lr,
         matrix_lr=cfg.matrix_lr,
         weight_decay=cfg.weight_decay,
     )
-    return model, optimizers
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:

@@ -1,5 +1,7 @@
 """Shared fixtures: a real Valkey server and a small real corpus + tokenizer."""
 
+from pathlib import Path
+
 import pytest
 
 
@@ -36,3 +38,21 @@ def tokenizer_dir(demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
     Tokenizer.train(texts, vocab_size=1024).save(out)  # through rustbpe
     return out
+
+
+# Modules that bring up whole stacks (SuperLink, SuperNodes, the energy simulation) replayed
+# at a fixed speed-up. Under `pytest -n 2` (make test) they are one unit of work, run one
+# after another on one worker, so two stacks never compete for the machine's cores; every
+# other module runs whole (its module fixtures built once) on either worker beside them.
+STACK_MODULES = {"test_e2e_demo", "test_flower_app", "test_manual_deployment"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadFileScheduling
+
+    class StackScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "stack" if Path(scope).stem in STACK_MODULES else scope
+
+    return StackScheduling(config, log)

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nanochat.common import device_teardown
+from nanochat.common import device_teardown, exit_rank
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import Muon, zeropower_via_newtonschulz5
 from pilot.infra.procs import free_port
@@ -85,6 +85,7 @@ def _dist_worker(rank, world, port, out):
     if rank == 0:
         torch.save(model.state_dict(), out)
     device_teardown()
+    exit_rank()
 
 
 def test_distributed_step_equals_step_on_mean_gradient(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanochat import checkpoint
-from nanochat.common import device_teardown
+from nanochat.common import device_teardown, exit_rank
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import chunk_table
 from nanochat.tokenizer import Tokenizer
@@ -178,6 +178,7 @@ def _ddp_worker(rank, world, port, data_dir, tokenizer_dir, out):
     else:
         torch.save({"w": model.lm_head.weight.detach()}, out + ".1")
     device_teardown()
+    exit_rank()
 
 
 def test_ddp_run_agrees_on_stop_and_gathers_state(demo_data, tokenizer_dir, tmp_path):

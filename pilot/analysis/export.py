@@ -81,9 +81,11 @@ def model_config(meta: dict, state: dict[str, torch.Tensor]) -> GPTConfig:
     """The GPTConfig the weights were trained with, checked against their keys and shapes."""
     if "model_config" in meta:  # the baseline records it
         cfg = GPTConfig(**meta["model_config"])
-    else:  # the ServerApp builds its model from [train], as ServerState.fresh does
-        t = meta["train_config"]
-        cfg = GPTConfig.from_depth(int(t["depth"]), int(t["vocab_size"]), int(t["sequence_len"]))
+    else:  # the ServerApp builds its model from [train] (nanochat.train.build_model)
+        from nanochat.train import TrainConfig
+        from nanochat.train import model_config as train_model_config
+
+        cfg = train_model_config(TrainConfig.from_dict(dict(meta["train_config"])))
     with torch.device("meta"):
         expected = GPT(cfg).state_dict()
     bad = sorted(set(expected) ^ set(state)) or [

@@ -37,16 +37,10 @@ class ServerState:
     @classmethod
     def fresh(cls, train: dict, outer: OuterOptimizer, ledger: DataLedger) -> ServerState:
         """A new run: the model initialised from the [train] seed, nothing trained yet."""
-        from nanochat.gpt import GPT, GPTConfig
+        from nanochat.train import TrainConfig, build_model
 
-        torch.manual_seed(int(train["seed"]))
-        model = GPT(
-            GPTConfig.from_depth(
-                int(train["depth"]), int(train["vocab_size"]), int(train["sequence_len"])
-            )
-        )
-        model.init_weights()
-        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model, _ = build_model(TrainConfig.from_dict(train))  # the baseline's seeded init
+        weights = {k: v.detach() for k, v in model.state_dict().items()}
         return cls(GlobalModel(weights, outer), ledger)
 
     def apply(self, replies: list[Reply], base_step: int) -> float | None:

@@ -117,14 +117,11 @@ class Validator:
             self._done.put(job)
 
     def _build(self):
-        from nanochat.gpt import GPT, GPTConfig
         from nanochat.tokenizer import Tokenizer
+        from nanochat.train import empty_model
 
-        c = self.cfg
-        model = GPT(GPTConfig.from_depth(c.depth, c.vocab_size, c.sequence_len))
-        model.to(self.device)
-        model.init_weights()  # rotary buffers; the weights come from each snapshot
-        return model, Tokenizer.load(self.tokenizer_dir)
+        # the weights come from each snapshot
+        return empty_model(self.cfg, self.device), Tokenizer.load(self.tokenizer_dir)
 
     def _evaluate(self, model, tokenizer) -> float:
         from nanochat.train import val_bpb

@@ -30,7 +30,6 @@ from pilot.infra.signals import ENV_URL as ENV_REDIS
 
 if TYPE_CHECKING:  # hints only: the helpers below import these when a job runs
     from nanochat.dataloader import DataLoader
-    from nanochat.gpt import GPT
     from nanochat.train import TrainConfig, TrainResult
 
 # How often a training process asks Redis for its stop key: cheap enough per step, but a
@@ -180,11 +179,11 @@ def _worker(
     rank: int,
     world: int,
 ) -> tuple[dict[str, torch.Tensor] | None, TrainReport]:
-    from nanochat.train import TrainConfig, run
+    from nanochat.train import TrainConfig, build_model, run
 
     cfg = TrainConfig.from_dict(job.train_config)
     torch.manual_seed(cfg.seed + job.global_step + rank)
-    model, optimizers = _model(cfg, weights, device)
+    model, optimizers = build_model(cfg, device, weights)
     restored = _restore_inner(optimizers, job, rank, world)
     # Every rank polls the stop key (the stop vote in nanochat.train.run is joint) and asks for
     # its own data refills; only rank 0 publishes metrics and power.
@@ -222,23 +221,6 @@ def _worker(
     if rank != 0:
         return None, result
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, result
-
-
-def _model(
-    cfg: TrainConfig, weights: dict[str, torch.Tensor], device: torch.device
-) -> tuple[GPT, list[torch.optim.Optimizer]]:
-    """The global model on ``device`` and fresh optimizers for it."""
-    from nanochat.gpt import GPT, GPTConfig
-
-    model = GPT(GPTConfig.from_depth(cfg.depth, cfg.vocab_size, cfg.sequence_len)).to(device)
-    model.load_state_dict(weights)  # copy_ casts a bf16 transfer back to fp32 parameters
-    optimizers = model.setup_optimizers(
-        unembedding_lr=cfg.unembedding_lr,
-        embedding_lr=cfg.embedding_lr,
-        matrix_lr=cfg.matrix_lr,
-        weight_decay=cfg.weight_decay,
-    )
-    return model, optimizers
 
 
 def _loader(
@@ -294,7 +276,7 @@ def _report(
 
 def _spawned(rank: int, world: int, port: int, job: Job, workdir: str) -> None:
     """Entry of one DDP process (torch.multiprocessing.spawn): torchrun's env, then the job."""
-    from nanochat.common import device_setup, device_teardown
+    from nanochat.common import device_setup, device_teardown, exit_rank
 
     os.environ.update(
         RANK=str(rank),
@@ -311,6 +293,7 @@ def _spawned(rank: int, world: int, port: int, job: Job, workdir: str) -> None:
             torch.save({"state": state, "result": asdict(result)}, Path(workdir) / "result.pt")
     finally:
         device_teardown()
+    exit_rank()  # reached only on success: an error propagates to the spawner
 
 
 def world_size(job: Job) -> int:
