@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PRESET ?= cpu-demo
 
-.PHONY: setup demo test test-k8s-e2e lint bench clean
+.PHONY: setup demo test test-slow test-k8s-e2e lint bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -22,6 +22,11 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -ra --durations=30 -n 2
+
+# The slower tier (pytest marker tier2: the README's by-hand terminals, ctrl-c of a launched
+# stack, the torchrun baseline's resume): ~7 min, so not part of `make test`
+test-slow: setup
+	$(BIN)/pytest -q -ra -n 2 -m tier2
 
 # Kubernetes end to end (two API servers, the process kubelet, real SuperNodes; needs root
 # and ../shared/k8s): ~6 min, so not part of `make test`

@@ -347,7 +347,10 @@ def _stop_mid_run(action: str, home: Path):
     return proc.returncode, out, mark, ports
 
 
-@pytest.mark.parametrize("action", ["sigterm", "ctrl-c", "crash"])
+# ctrl-c takes sigterm's teardown path by another signal: the slower tier (make test-slow)
+@pytest.mark.parametrize(
+    "action", ["sigterm", pytest.param("ctrl-c", marks=pytest.mark.tier2), "crash"]
+)
 def test_stopping_mid_run_leaves_no_process_and_no_port_behind(action, prepared_home):
     rc, out, mark, ports = _stop_mid_run(action, prepared_home)
     if action == "crash":

@@ -29,7 +29,8 @@ from test_launch import MARK, marked
 
 from pilot.infra.procs import free_port
 
-pytestmark = pytest.mark.slow
+# the README's terminals, a whole stack by hand: the slower tier (make test-slow)
+pytestmark = [pytest.mark.slow, pytest.mark.tier2]
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Manual multi-terminal deployment"

@@ -68,6 +68,7 @@ def _torchrun(args: list[str]) -> dict[int, float]:
     }
 
 
+@pytest.mark.tier2  # two torchrun launches of two ranks each: the slower tier (make test-slow)
 def test_torchrun_two_gloo_processes_resume_with_the_same_next_batch(
     demo_data, tokenizer_dir, tmp_path
 ):
