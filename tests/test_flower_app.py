@@ -237,12 +237,20 @@ class Stack:
             f"superlink log:\n{self.log('superlink')}"
         )
 
-    def wait_step(self, sig, site: str, round_n: int, timeout: float = 120.0) -> None:
-        """Until ``site`` has logged a training step in round ``round_n`` (logs:<site>)."""
+    def wait_step(
+        self, sig, site: str, round_n: int, timeout: float = 120.0, or_round_end: bool = False
+    ) -> bool:
+        """Until ``site`` has logged a training step in round ``round_n`` (logs:<site>): True.
+        ``or_round_end``: False once the round ended first (a busy box can start a TRAIN
+        too late to step in a short round)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             if any(int(x.get("round", -1)) == round_n for x in sig.logs(site)):
-                return
+                return True
+            if or_round_end and any(
+                e["kind"] == "round_end" and e.get("round") == round_n for e in self.events()
+            ):
+                return False
             time.sleep(0.3)
         raise AssertionError(f"{site} logged no step in round {round_n}")
 
@@ -297,12 +305,13 @@ def _is(kind: str, **fields):
 
 def _federated_round_with_time_left(stack: Stack, sig, driver: Driver) -> dict:
     """A federated round in which alpha has stepped with ``LEAVE_MARGIN_S`` wall seconds still
-    left: on a busy box a TRAIN can reach its first step only near the deadline, and a window
-    closing then would end the round by its deadline, not by a leave."""
+    left: on a busy box a TRAIN can reach its first step only near the deadline (or not at all
+    before the round ends), and a window closing then would end the round by its deadline, not
+    by a leave."""
     while True:
         r = stack.wait("a federated round", _is("round_start", sites=["alpha", "beta"]))
-        stack.wait_step(sig, "alpha", r["round"])
-        if (r["deadline_t"] - driver.sim_now()) / SPEEDUP >= LEAVE_MARGIN_S:
+        stepped = stack.wait_step(sig, "alpha", r["round"], or_round_end=True)
+        if stepped and (r["deadline_t"] - driver.sim_now()) / SPEEDUP >= LEAVE_MARGIN_S:
             return r
 
 
