@@ -47,6 +47,7 @@ def tokenizer_dir(demo_data, tmp_path_factory):
 STACK_MODULES = {"test_e2e_demo", "test_flower_app", "test_manual_deployment"}
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown without it
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadFileScheduling
 

@@ -4,7 +4,8 @@ SuperLink, a SuperNode process or a training step.
 
 A fake site "trains" until its deadline or its stop key: it returns the global weights it was
 sent nudged by ``delta``, and reads every row of its lease (so the data ledger commits them).
-``bad`` makes its next reply malformed (a NaN loss), to prove a bad site is dropped."""
+``bad`` makes its next reply malformed (a NaN loss, a tensor of the wrong shape, more tokens
+than its steps train), to prove a bad site is dropped."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from pilot.control.aggregate import decode_state, encode_state, transfer_dtype
 from pilot.control.data_ledger import chunk_key
 from pilot.flower.messages import SiteInfo, TrainOrder, TrainReport
 
-STEP_TOKENS = 512  # tokens a fake step "trains"
 STEP_S = 0.02  # wall seconds a fake step "takes"
 
 
@@ -29,7 +29,7 @@ STEP_S = 0.02  # wall seconds a fake step "takes"
 class FakeSite:
     name: str
     delta: float = 0.01
-    bad: str = ""  # "nan": the next reply has a NaN loss; "shape": a tensor of the wrong shape
+    bad: str = ""  # the next reply: "nan" loss, "shape" of a tensor wrong, "tokens" inflated
     orders: list[TrainOrder] = field(default_factory=list)
 
 
@@ -106,10 +106,13 @@ class MemGrid:
         elif site.bad == "shape":
             name = next(k for k, v in state.items() if v.is_floating_point())
             state[name] = torch.zeros(3, 3)
+        tokens = steps * int(order.train_config["total_batch_size"])
+        if site.bad == "tokens":  # claims 10x the work: 10x the weight in the average
+            tokens *= 10
         site.bad = ""
         report = TrainReport(
             site=site.name,
-            tokens=steps * STEP_TOKENS,
+            tokens=tokens,
             steps=steps,
             loss=loss,
             energy_j=None,

@@ -173,7 +173,7 @@ def test_a_site_whose_window_closes_leaves_mid_round_and_its_partial_work_counts
     assert "alpha" in agg["sites"] and agg["weights"]["alpha"] > 0
 
 
-@pytest.mark.parametrize("bad", ["nan", "shape"])
+@pytest.mark.parametrize("bad", ["nan", "shape", "tokens"])
 def test_a_bad_reply_is_dropped_its_data_released_and_the_rest_averaged(loop, bad):
     _start_alpha(loop)
     loop.mci["beta"] = LOW

@@ -17,6 +17,8 @@ class Participant:
     assignment: Assignment
     joined: bool  # entered a running round
     sent_wall: float
+    step: int = 0  # the global step its TRAIN starts at
+    max_steps: int = 0  # the steps its TRAIN allows (the run's budget left)
 
 
 @dataclass

@@ -174,13 +174,25 @@ class TrainReport:
             inner_restored=bool(report.get("inner_restored", False)),
         )
 
-    def check(self, site: str) -> None:
-        """Refuse what no honest site sends: another site's name, negative work, a non-finite
-        loss for steps it claims, steps without tokens."""
+    def check(self, site: str, order_step: int, tokens_per_step: int, max_steps: int) -> None:
+        """Refuse what no honest site sends: another site's name; work that does not add up
+        (tokens other than steps x ``tokens_per_step``: they weigh the average; steps
+        beyond the order's ``max_steps``, or not counted from its ``order_step``: they
+        advance the global step and can end the run); a non-finite loss for its steps."""
         if self.site != site:
             raise MessageError(f"reply from node of {site!r} claims site {self.site!r}")
-        if self.tokens < 0 or self.steps < 0 or (self.steps > 0) != (self.tokens > 0):
-            raise MessageError(f"implausible metrics tokens={self.tokens} steps={self.steps}")
+        if self.steps < 0 or self.tokens != self.steps * tokens_per_step:
+            raise MessageError(
+                f"implausible metrics tokens={self.tokens} steps={self.steps} "
+                f"({tokens_per_step} tokens per step)"
+            )
+        if self.steps > max_steps:
+            raise MessageError(f"{self.steps} steps, but the order allowed {max_steps}")
+        if self.start_step != order_step or self.end_step != order_step + self.steps:
+            raise MessageError(
+                f"steps {self.start_step}..{self.end_step} do not follow the order's step "
+                f"{order_step} by {self.steps}"
+            )
         if self.steps > 0 and (self.loss is None or not math.isfinite(self.loss)):
             raise MessageError(f"implausible loss {self.loss} over {self.steps} steps")
         if self.energy_j is not None and not (math.isfinite(self.energy_j) and self.energy_j >= 0):

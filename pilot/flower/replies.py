@@ -53,10 +53,9 @@ def to_reply(
     site: str, report: TrainReport, msg: Any, weights: dict, dtype: Any, ledger: DataLedger
 ) -> tuple[Reply, int]:
     """The reply's weights decoded and checked against the global model's, its rows against
-    the site's lease; returns the Reply and the rows it read that are new to the ledger.
-    Raises ``MessageError``/``ReplyError``/``LedgerError`` (all ValueErrors) on anything
-    unusable."""
-    report.check(site)
+    the site's lease (its metrics were checked by ``TrainReport.check``); returns the Reply
+    and the rows it read that are new to the ledger. Raises ``MessageError``/``ReplyError``/
+    ``LedgerError`` (all ValueErrors) on anything unusable."""
     state = decode_state(msg.content["model"])
     validate_state(state, weights, dtype)
     new_rows = ledger.check(site, report.consumed)

@@ -126,8 +126,8 @@ class RoundDriver:
                 )
 
     # -- TRAIN out --------------------------------------------------------------------------
-    def _order(self, site: str, now: float) -> tuple[Any, Assignment] | None:
-        """``site``'s TRAIN message and lease (None: no data left for it). A paused site
+    def _order(self, site: str, now: float) -> tuple[Any, Assignment, TrainOrder] | None:
+        """``site``'s TRAIN message, lease and order (None: no data left for it). A paused site
         resumes from its own weights, at its own place in the schedule, reading on where it
         stopped in the chunks it still holds."""
         from flwr.app import Message
@@ -167,7 +167,7 @@ class RoundDriver:
             group_id=str(r.n),
             ttl=ttl,
         )
-        return msg, assignment
+        return msg, assignment, order
 
     def send_train(self, sites: list[str], joined: bool) -> None:
         ctx, r, now = self.ctx, self.round, time.time()
@@ -175,8 +175,8 @@ class RoundDriver:
         planned = [(site, o) for site in sites if (o := self._order(site, now)) is not None]
         if not planned:
             return
-        mids = ctx.grid.push_messages([msg for _, (msg, _) in planned])
-        for (site, (_, assignment)), mid in zip(planned, mids, strict=True):
+        mids = ctx.grid.push_messages([msg for _, (msg, _, _) in planned])
+        for (site, (_, assignment, order)), mid in zip(planned, mids, strict=True):
             if not mid:
                 if site not in r.replies:  # a failed resume keeps its lease for its reply
                     ctx.server.ledger.release(site)
@@ -187,8 +187,9 @@ class RoundDriver:
             resumed = r.resume(site)
             node = ctx.fleet.node(site)
             r.participants[site] = Participant(
-                site, node, mid, r.deadline_wall, assignment, joined, now
-            )
+                site, node, mid, r.deadline_wall, assignment, joined, now,
+                order.global_step, order.max_steps or 0,
+            )  # fmt: skip
             if joined:
                 deadline_t = ctx.clock.sim_now(r.deadline_wall)
                 ctx.events.emit(
@@ -236,6 +237,8 @@ class RoundDriver:
         # energy was spent whether or not the weights are usable: account it first
         for fields in interval_events(site, r.n, report, ctx.clock.sim_now):
             ctx.events.emit("train_interval", **fields)
+        p = r.participants[site]
+        report.check(site, p.step, int(ctx.cfg.train["total_batch_size"]), p.max_steps)
         state = ctx.server
         reply, new_rows = to_reply(site, report, msg, state.model.weights, ctx.dtype, state.ledger)
         total_s = sum(e - s for s, e in report.intervals)
