@@ -21,12 +21,12 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -ra --durations=30 -n 2
+	$(BIN)/pytest -q -ra --durations=30
 
 # The slower tier (pytest marker tier2: the README's by-hand terminals, ctrl-c of a launched
 # stack, the torchrun baseline's resume): ~7 min, so not part of `make test`
 test-slow: setup
-	$(BIN)/pytest -q -ra -n 2 -m tier2
+	$(BIN)/pytest -q -ra -m tier2
 
 # Kubernetes end to end (two API servers, the process kubelet, real SuperNodes; needs root
 # and ../shared/k8s): ~6 min, so not part of `make test`

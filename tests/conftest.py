@@ -1,7 +1,5 @@
 """Shared fixtures: a real Valkey server and a small real corpus + tokenizer."""
 
-from pathlib import Path
-
 import pytest
 
 
@@ -39,21 +37,3 @@ def tokenizer_dir(demo_data, tmp_path_factory):
     Tokenizer.train(texts, vocab_size=1024).save(out)  # through rustbpe
     return out
 
-
-# Modules that bring up whole stacks (SuperLink, SuperNodes, the energy simulation) replayed
-# at a fixed speed-up. Under `pytest -n 2` (make test) they are one unit of work, run one
-# after another on one worker, so two stacks never compete for the machine's cores; every
-# other module runs whole (its module fixtures built once) on either worker beside them.
-STACK_MODULES = {"test_e2e_demo", "test_flower_app", "test_manual_deployment"}
-
-
-@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown without it
-def pytest_xdist_make_scheduler(config, log):
-    from xdist.scheduler import LoadFileScheduling
-
-    class StackScheduling(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            scope = super()._split_scope(nodeid)
-            return "stack" if Path(scope).stem in STACK_MODULES else scope
-
-    return StackScheduling(config, log)
