@@ -36,4 +36,3 @@ def tokenizer_dir(demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
     Tokenizer.train(texts, vocab_size=1024).save(out)  # through rustbpe
     return out
-
