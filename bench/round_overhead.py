@@ -1,17 +1,26 @@
 """Benchmark: fixed cost of one TRAIN round on a site, per model size, and bytes on the wire.
 
-For each depth it plays what a SuperNode does for one TRAIN message, in a fresh process
-(Flower starts a new ClientApp process per message): start Python, import torch/flwr/nanochat,
-inflate the global model from Flower's wire objects, build model + optimizers + data loader,
-train 3 steps, save the inner optimizer state, encode and deflate the reply. It prints
+For each depth it plays what a SuperNode does for a TRAIN message on three paths:
 
-  start_to_first_step_s   process start -> first training step begins (imports included)
+  per-message  a fresh process per message (Flower starts a new ClientApp process per
+               message; node config trainer="per-message"): start Python, import
+               torch/flwr/nanochat, inflate the global model, build model + optimizers + data
+               loader, train, save the inner optimizer state, encode and deflate the reply
+  cold         the node's persistent trainer (pilot.flower.trainer) on its first order: the
+               relay starts it, it imports torch and builds the model
+  warm         the same trainer's next round: the global weights are copied in place
+
+and prints for each
+
+  start_to_first_step_s   message in (or process start) -> first training step begins
   last_step_to_reply_s    last step ends -> reply deflated into Flower's wire objects
   bytes_fp32 / bytes_bf16 Flower wire bytes of the model, each way per round (transfer_dtype
                           fp32 vs bf16; trained-like weights, so nothing deduplicates)
 
 Network and SuperLink queueing are not included (they depend on the deployment). A tiny
-demo corpus and tokenizer are built in a temp dir. Last line: the largest model's numbers.
+demo corpus and tokenizer are built in a temp dir. Last line, the largest model's:
+``cold_start_s=.. warm_start_s=.. warm_reply_s=.. fixed_share_600s=..`` (the warm round's
+fixed cost as a share of a 600 s round).
 
     python bench/round_overhead.py [--depths 2 4 8 12]
 """
@@ -28,6 +37,7 @@ from pathlib import Path
 
 VOCAB = 1024
 SEQ = 256
+STEPS = 3  # training steps per measured round
 
 
 def _deflate(record) -> tuple[int, dict]:
@@ -77,6 +87,68 @@ def client(spec_path: str) -> None:
     )
 
 
+def _persistent(node_dir: Path, job: dict, record_id: str, objs: dict) -> dict:
+    """One TRAIN through the node's persistent trainer, timed as the ClientApp would see it:
+    inflate the message, relay it, deflate the reply."""
+    import os
+
+    from pilot.control.wire import raw_to_record, record_to_raw
+    from pilot.flower.trainer import relay
+
+    t0 = time.time()
+    arrays = record_to_raw(_inflate(record_id, objs))
+    fields, out = relay.train(node_dir, {**job, "deadline_wall": t0 + 3600}, arrays, 0, os.getpid())
+    nbytes, _ = _deflate(raw_to_record(out))
+    t_reply = time.time()
+    (start, _), (_, end) = fields["intervals"][0], fields["intervals"][-1]
+    steps = max(1, fields["steps"])
+    return {
+        "start_to_first_step_s": start - t0,
+        "last_step_to_reply_s": t_reply - end,
+        "step_s": (end - start) / steps,
+        "reply_bytes": nbytes,
+    }
+
+
+def _per_message(tmp: Path, depth: int, job: dict, wire: Path) -> dict:
+    """One TRAIN in a fresh process, as Flower runs a ClientApp per message."""
+    spec = tmp / f"spec-{depth}.json"
+    spec.write_text(json.dumps({"t_spawn": time.time(), "wire": str(wire), "job": job}))
+    out = subprocess.run(
+        [sys.executable, __file__, "--client", str(spec)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _job(
+    depth: int, round_n: int, step: int, data: Path, tok: Path, chunks: list, tmp: Path
+) -> dict:
+    train_config = {
+        "depth": depth,
+        "vocab_size": VOCAB,
+        "sequence_len": SEQ,
+        "device_batch_size": 2,
+        "total_batch_size": 2 * SEQ,
+        "num_iterations": 1000,
+    }
+    return {
+        "site": "bench",
+        "run": f"bench-d{depth}",
+        "round": round_n,
+        "global_step": step,
+        "assignment": {"site": "bench", "chunks": chunks, "start_rows": {}},
+        "train_config": train_config,
+        "data_dir": str(data),
+        "tokenizer_dir": str(tok),
+        "state_dir": str(tmp / "state" / f"d{depth}"),
+        "transfer_dtype": "fp32",
+        "max_steps": STEPS,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8, 12])
@@ -94,6 +166,7 @@ def main() -> None:
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.tokenizer import Tokenizer
     from pilot.control.aggregate import encode_state
+    from pilot.flower.trainer import relay
 
     tmp = Path(tempfile.mkdtemp(prefix="round-overhead-"))
     data, tok = tmp / "data", tmp / "tokenizer"
@@ -103,8 +176,8 @@ def main() -> None:
     chunks = [list(c) for c in chunk_table(data)][:4]
 
     print(
-        "depth params_M start_to_first_step_s last_step_to_reply_s step_s "
-        "bytes_fp32 bytes_bf16 encode_fp32_s"
+        "depth params_M path start_to_first_step_s last_step_to_reply_s step_s "
+        "bytes_fp32 bytes_bf16"
     )
     last = ""
     for depth in args.depths:
@@ -114,53 +187,38 @@ def main() -> None:
         # once: perturb the weights as training would, or the byte counts flatter the wire
         state = {k: v + 1e-3 * torch.randn_like(v) for k, v in model.state_dict().items()}
         params = sum(t.numel() for t in state.values())
-        t0 = time.perf_counter()
         rec32 = encode_state(state, torch.float32)
         b32, objs = _deflate(rec32)
-        t_enc = time.perf_counter() - t0
         b16, _ = _deflate(encode_state(state, torch.bfloat16))
         wire = tmp / f"wire-{depth}.pkl"
         with open(wire, "wb") as f:
             pickle.dump((rec32.object_id, objs), f)
-        train_config = {
-            "depth": depth,
-            "vocab_size": VOCAB,
-            "sequence_len": SEQ,
-            "device_batch_size": 2,
-            "total_batch_size": 2 * SEQ,
-            "num_iterations": 1000,
+        node = tmp / f"node-d{depth}"
+        runs = {
+            "per-message": _per_message(
+                tmp, depth, _job(depth, 1, 0, data, tok, chunks, tmp), wire
+            ),
+            "cold": _persistent(
+                node, _job(depth, 1, 0, data, tok, chunks, tmp), rec32.object_id, objs
+            ),
+            "warm": _persistent(
+                node, _job(depth, 2, STEPS, data, tok, chunks, tmp), rec32.object_id, objs
+            ),
         }
-        job = {
-            "site": "bench",
-            "run": f"bench-d{depth}",
-            "round": 1,
-            "global_step": 0,
-            "assignment": {"site": "bench", "chunks": chunks, "start_rows": {}},
-            "train_config": train_config,
-            "data_dir": str(data),
-            "tokenizer_dir": str(tok),
-            "state_dir": str(tmp / "state"),
-            "transfer_dtype": "fp32",
-            "max_steps": 3,
-        }
-        spec = tmp / f"spec-{depth}.json"
-        spec.write_text(json.dumps({"t_spawn": time.time(), "wire": str(wire), "job": job}))
-        out = subprocess.run(
-            [sys.executable, __file__, "--client", str(spec)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        m = json.loads(out.stdout.strip().splitlines()[-1])
-        print(
-            f"{depth} {params / 1e6:.1f} {m['start_to_first_step_s']:.2f} "
-            f"{m['last_step_to_reply_s']:.2f} {m['step_s']:.3f} {b32} {b16} {t_enc:.2f}"
-        )
+        relay.stop(node)
+        for path, m in runs.items():
+            print(
+                f"{depth} {params / 1e6:.1f} {path} {m['start_to_first_step_s']:.2f} "
+                f"{m['last_step_to_reply_s']:.2f} {m['step_s']:.3f} {b32} {b16}"
+            )
+        cold, warm = runs["cold"], runs["warm"]
+        fixed = warm["start_to_first_step_s"] + warm["last_step_to_reply_s"]
         last = (
-            f"depth={depth} params={params / 1e6:.1f}M "
-            f"start_to_first_step_s={m['start_to_first_step_s']:.2f} "
-            f"last_step_to_reply_s={m['last_step_to_reply_s']:.2f} "
-            f"bytes_fp32={b32} bytes_bf16={b16} bf16_ratio={b16 / b32:.3f}"
+            f"depth={depth} per_message_start_s={runs['per-message']['start_to_first_step_s']:.2f} "
+            f"cold_start_s={cold['start_to_first_step_s']:.2f} "
+            f"warm_start_s={warm['start_to_first_step_s']:.2f} "
+            f"warm_reply_s={warm['last_step_to_reply_s']:.2f} "
+            f"fixed_share_600s={fixed / 600:.4f} bytes_ratio_bf16={b16 / b32:.3f}"
         )
     print(last)
 

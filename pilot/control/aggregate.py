@@ -7,19 +7,20 @@
   (DiLoCo: pseudo-gradient = global - average, SGD with Nesterov momentum; momentum is part
   of the checkpoint).
 - ``validate_state``: a reply is used only if its keys, shapes, dtypes and values are sane.
-- ``encode_state``/``decode_state``: raw little-endian tensor bytes per parameter. NumPy (and
-  so Flower's default ``Array`` serialisation) has no bfloat16, and raw bytes avoid the
-  ``np.save`` round trip for fp32 too.
+- ``encode_state``/``decode_state``: tensors to and from the raw-bytes wire form of
+  ``pilot.control.wire`` (``encode_arrays``/``decode_arrays`` without the Flower record).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+
+from pilot.control.wire import WIRE_STYPE, RawArray, raw_to_record, record_to_raw
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
@@ -30,7 +31,6 @@ State = dict[str, torch.Tensor]
 # L2 while every input streams through once, large enough that per-op overhead vanishes
 # (measured: 1<<18 beat 1<<16 and 1<<20 on this machine's 2 cores).
 _BLOCK = 1 << 18
-WIRE_STYPE = "torch.raw"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -153,24 +153,48 @@ def validate_state(
             raise ReplyError(f"{key}: dtype {t.dtype}, expected {ref.dtype}")
 
 
-def encode_state(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> ArrayRecord:
-    """Model state -> Flower ArrayRecord of raw tensor bytes (floating tensors cast to
-    ``dtype``)."""
-    from flwr.app import Array, ArrayRecord
-
-    rec = ArrayRecord()
+def encode_arrays(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> list[RawArray]:
+    """Model state -> raw arrays (floating tensors cast to ``dtype``), see pilot.control.wire."""
+    out: list[RawArray] = []
     for key, t in state.items():
         t = t.detach().cpu()
         if t.is_floating_point():
             t = t.to(dtype)
         t = t.contiguous()
-        rec[key] = Array(
-            dtype=str(t.dtype).removeprefix("torch."),
-            shape=tuple(t.shape),
-            stype=WIRE_STYPE,
-            data=t.view(torch.uint8).numpy().tobytes(),
-        )
-    return rec
+        data = t.view(torch.uint8).numpy().tobytes()
+        out.append((key, str(t.dtype).removeprefix("torch."), tuple(t.shape), WIRE_STYPE, data))
+    return out
+
+
+def encode_state(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> ArrayRecord:
+    """Model state -> Flower ArrayRecord of raw tensor bytes (floating tensors cast to
+    ``dtype``)."""
+    return raw_to_record(encode_arrays(state, dtype))
+
+
+def decode_arrays(arrays: Iterable[RawArray]) -> State:
+    """Raw arrays -> tensors; raises ReplyError when malformed.
+
+    The tensors share the arrays' read-only buffers: read them, copy before writing.
+    """
+    out: State = {}
+    for key, dtype, shape, stype, data in arrays:
+        if stype != WIRE_STYPE:
+            raise ReplyError(f"{key}: serialisation {stype!r}, expected {WIRE_STYPE!r}")
+        dt = getattr(torch, dtype, None)
+        if not isinstance(dt, torch.dtype):
+            raise ReplyError(f"{key}: unknown dtype {dtype!r}")
+        n = math.prod(shape)
+        if len(data) != n * dt.itemsize:
+            raise ReplyError(f"{key}: {len(data)} bytes for shape {tuple(shape)} {dtype}")
+        if n == 0:
+            out[key] = torch.empty(tuple(shape), dtype=dt)
+            continue
+        with warnings.catch_warnings():
+            # The buffer is the received bytes object (read-only); nothing writes through it.
+            warnings.simplefilter("ignore", UserWarning)
+            out[key] = torch.frombuffer(data, dtype=dt).view(tuple(shape))
+    return out
 
 
 def decode_state(record: ArrayRecord) -> State:
@@ -178,26 +202,7 @@ def decode_state(record: ArrayRecord) -> State:
 
     The tensors share the message's read-only buffers: read them, copy before writing.
     """
-    out: State = {}
-    for key, arr in record.items():
-        if arr.stype != WIRE_STYPE:
-            raise ReplyError(f"{key}: serialisation {arr.stype!r}, expected {WIRE_STYPE!r}")
-        dt = getattr(torch, arr.dtype, None)
-        if not isinstance(dt, torch.dtype):
-            raise ReplyError(f"{key}: unknown dtype {arr.dtype!r}")
-        n = math.prod(arr.shape)
-        if len(arr.data) != n * dt.itemsize:
-            raise ReplyError(
-                f"{key}: {len(arr.data)} bytes for shape {tuple(arr.shape)} {arr.dtype}"
-            )
-        if n == 0:
-            out[key] = torch.empty(tuple(arr.shape), dtype=dt)
-            continue
-        with warnings.catch_warnings():
-            # The buffer is the received bytes object (read-only); nothing writes through it.
-            warnings.simplefilter("ignore", UserWarning)
-            out[key] = torch.frombuffer(arr.data, dtype=dt).view(tuple(arr.shape))
-    return out
+    return decode_arrays(record_to_raw(record))
 
 
 def state_bytes(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> int:

@@ -4,22 +4,25 @@ Messages: pilot/flower/messages.py (SiteInfo for ``query``; TrainOrder in, Train
 ``train``), the one definition the ServerApp uses too.
 
 Node config (``flower-supernode --node-config``): ``site`` (required), ``state-dir``
-(node-local inner optimizer state; default CURTAIL_HOME/nodes/<site>) and ``cpu-threads``
-(torch threads when training on the CPU; 0 or absent: all cores). Every message runs in
-a fresh process, so torch and nanochat are imported inside the handlers, and ``query`` does
-not import torch at all.
+(node-local inner optimizer state; default CURTAIL_HOME/nodes/<site>), ``cpu-threads``
+(torch threads when training on the CPU; 0 or absent: all cores) and ``trainer``:
+``persistent`` (default: the round runs in the node's long-lived trainer,
+pilot.flower.trainer, which keeps the model warm between rounds) or ``per-message`` (the round
+runs in this process). Flower starts a fresh process per message, so this module imports no
+torch: the relay passes the model's raw bytes through.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import fields
+from dataclasses import asdict
 from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from pilot.flower.messages import SiteInfo, TrainOrder
+from pilot.flower.messages import SiteInfo, TrainOrder, TrainReport
+from pilot.flower.trainer.channel import Job
 
 app = ClientApp()
 
@@ -43,30 +46,59 @@ def _gpu_count() -> int:
     return len(list(gpus.iterdir())) if gpus.is_dir() else 0
 
 
+def _node(context: Context) -> tuple[Path, int, str]:
+    """(node dir, CPU threads, trainer mode) from the node config."""
+    from nanochat.paths import resolve
+
+    node = context.node_config
+    node_dir = resolve(str(node.get("state-dir") or f"nodes/{_site(context)}"))
+    mode = str(node.get("trainer", "persistent"))
+    if mode not in ("persistent", "per-message"):
+        raise ValueError(f"node config trainer={mode!r}: use 'persistent' or 'per-message'")
+    return node_dir, int(node.get("cpu-threads", 0)), mode
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     gpus = _gpu_count()
     info = SiteInfo(site=_site(context), device="cuda" if gpus else "cpu", gpus=gpus)
+    node_dir, threads, mode = _node(context)
+    if mode == "persistent":  # the server is about to use this node: warm its trainer up
+        from pilot.flower.trainer.relay import start_soon
+
+        start_soon(node_dir, threads)
     return Message(info.to_record(), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from nanochat.paths import resolve
-    from pilot.control.aggregate import decode_state, encode_state, transfer_dtype
-    from pilot.flower.train_job import Job, run_job
+    from pilot.control.wire import raw_to_record, record_to_raw
 
-    site = _site(context)
     order = TrainOrder.from_message(msg)
-    node = context.node_config
-    state_dir = resolve(str(node.get("state-dir") or f"nodes/{site}"))
+    node_dir, threads, mode = _node(context)
     job = Job(
-        **{f.name: getattr(order, f.name) for f in fields(order)},
-        site=site,
-        state_dir=str(state_dir / order.run),
-        cpu_threads=int(node.get("cpu-threads", 0)),
+        **asdict(order),
+        site=_site(context),
+        state_dir=str(node_dir / order.run),
+        cpu_threads=threads,
     )
     job.data_dir, job.tokenizer_dir = str(resolve(job.data_dir)), str(resolve(job.tokenizer_dir))
-    state, report = run_job(job, decode_state(msg.content["model"]))
-    model = encode_state(state, transfer_dtype(order.transfer_dtype))
-    return Message(report.to_record(model), reply_to=msg)
+    arrays = record_to_raw(msg.content["model"])
+    if mode == "persistent":
+        from pilot.flower.trainer.relay import train as relay_train
+
+        fields, out = relay_train(node_dir, asdict(job), arrays, threads)
+        report = TrainReport(**fields)
+    else:
+        report, out = _train_here(job, arrays)
+    return Message(report.to_record(raw_to_record(out)), reply_to=msg)
+
+
+def _train_here(job: Job, arrays: list) -> tuple[TrainReport, list]:
+    """The round in this process: imports torch and builds the model for this one message."""
+    from pilot.control.aggregate import decode_arrays, encode_arrays, transfer_dtype
+    from pilot.flower.train_job import run_job
+
+    state, report = run_job(job, decode_arrays(arrays))
+    return report, encode_arrays(state, transfer_dtype(job.transfer_dtype))

@@ -51,7 +51,16 @@ def make_provisioner(cfg: RunConfig, sites: Any, to_wall: Any) -> Any:
         auth_keys_dir=cfg.supernode_auth_keys,
         namespace=cfg.k8s_namespace,
         kubeconfig=cfg.k8s_kubeconfig,
+        on_launch=_start_trainer,
     )
+
+
+def _start_trainer(node_dir: Path, node_pid: int, env: Any, cpu_threads: int) -> None:
+    """A new local SuperNode's persistent trainer, started beside it: torch imports while
+    the node registers, so its first TRAIN finds the trainer ready."""
+    from pilot.flower.trainer.relay import start_soon
+
+    start_soon(node_dir, cpu_threads, node_pid, env=env)
 
 
 def load_state(cfg: RunConfig) -> tuple[ServerState, bool]:

@@ -15,6 +15,7 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,12 +25,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from nanochat.paths import atomic_write
-from pilot.flower.messages import TrainOrder, TrainReport
+from pilot.flower.messages import TrainReport
+from pilot.flower.trainer.channel import Job
 from pilot.infra.procs import free_port
 from pilot.infra.signals import ENV_URL as ENV_REDIS
 
 if TYPE_CHECKING:  # hints only: the helpers below import these when a job runs
     from nanochat.dataloader import DataLoader
+    from nanochat.gpt import GPT
     from nanochat.train import TrainConfig, TrainResult
 
 # How often a training process asks Redis for its stop key: cheap enough per step, but a
@@ -40,19 +43,10 @@ STOP_POLL_S = 0.5
 # long for the answer (the server answers within a control-loop tick, ~0.5 s).
 REFILL_MIN_LEFT_S = 2.0
 REFILL_WAIT_S = 10.0
-
-
-@dataclass
-class Job(TrainOrder):
-    """A TRAIN order as this node runs it: the order (its dirs resolved here) and the node's
-    own settings."""
-
-    site: str = ""
-    state_dir: str = ""  # node-local: inner optimizer state lives here between rounds
-    # Torch threads when training on the CPU (0: all cores). Several local sites share a box, and
-    # oversubscribed torch threads spin: measured here, 2 threads under load ran a tiny model
-    # 10-30x slower per step than 1 thread.
-    cpu_threads: int = 0
+# A site's inner optimizer state (AdamW/Muon moments) is reused for a round at most this many
+# rounds after the round it comes from: a site that sat out longer would apply the moments of
+# a model the others have moved on from, so it starts them fresh.
+INNER_MAX_ROUND_LAG = 4
 
 
 def _connect_signals(run: str):
@@ -135,6 +129,12 @@ def _refiller(sig, job: Job, rank: int, world: int) -> Callable[[], tuple[list, 
     return refill
 
 
+def _inner_is_fresh(saved_round: int, round_n: int) -> bool:
+    """The staleness rule: inner state from round ``saved_round`` serves round ``round_n``
+    if it is at most INNER_MAX_ROUND_LAG rounds older (and from this run, config and world)."""
+    return 0 <= saved_round <= round_n <= saved_round + INNER_MAX_ROUND_LAG
+
+
 def _inner_path(job: Job, rank: int) -> Path:
     return Path(job.state_dir) / f"inner-rank{rank}.pt"
 
@@ -150,6 +150,7 @@ def _restore_inner(optimizers: list, job: Job, rank: int, world: int) -> bool:
             saved["run"] != job.run
             or saved["world"] != world
             or saved["train_config"] != json.dumps(job.train_config, sort_keys=True)
+            or not _inner_is_fresh(int(saved["round"]), job.round)
         ):
             return False
         for opt, sd in zip(optimizers, saved["optim"], strict=True):
@@ -171,56 +172,117 @@ def _save_inner(optimizers: list, job: Job, rank: int, world: int) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def _worker(
-    job: Job,
-    weights: dict[str, torch.Tensor],
-    device: torch.device,
-    autocast_ctx,
-    rank: int,
-    world: int,
-) -> tuple[dict[str, torch.Tensor] | None, TrainReport]:
-    from nanochat.train import TrainConfig, build_model, run
+@dataclass
+class _Warm:
+    """What a trainer keeps between rounds for one (run, train config, world)."""
 
-    cfg = TrainConfig.from_dict(job.train_config)
-    torch.manual_seed(cfg.seed + job.global_step + rank)
-    model, optimizers = build_model(cfg, device, weights)
-    restored = _restore_inner(optimizers, job, rank, world)
-    # Every rank polls the stop key (the stop vote in nanochat.train.run is joint) and asks for
-    # its own data refills; only rank 0 publishes metrics and power.
-    sig = _connect_signals(job.run)
-    publish = sig is not None and rank == 0
-    loader = _loader(job, cfg, device, rank, world, _refiller(sig, job, rank, world))
+    key: tuple[str, str, int]
+    model: GPT
+    optimizers: list[torch.optim.Optimizer]
+    round: int  # the round its inner optimizer state comes from (-1: fresh)
 
-    def on_step(step: int, loss: float, tok_s: float, lrm: float) -> None:
-        if publish:
-            sig.log_step(job.site, step=step, loss=loss, tok_s=tok_s, lr=lrm, round=job.round)
 
-    energy = _Energy(device)
-    # The simulation's GPU actor turns the state word into the site's power model.
-    if publish:
-        sig.set_power(job.site, "train")
-    try:
-        res = run(
-            model,
-            optimizers,
-            loader,
-            cfg,
-            start_step=job.global_step,
-            max_steps=job.max_steps,
-            deadline=job.deadline_wall,
-            should_stop=_stopper(sig, job.site, job.round),
-            on_step=on_step,
-            ddp=world > 1,
-            autocast_ctx=autocast_ctx,
+class Worker:
+    """One rank's training, kept warm between rounds by a persistent trainer: while the run,
+    train config and world stay the same, the model and its optimizers stay in memory and a
+    new round copies the global weights in place (no rebuild, no reload of the inner state).
+    The inner state also goes to node-local disk after each round, off the training path (a
+    thread writes it while the next order is awaited), so a restarted trainer can take it up."""
+
+    def __init__(self, device: torch.device, autocast_ctx, rank: int = 0, world: int = 1):
+        self.device, self.autocast_ctx, self.rank, self.world = device, autocast_ctx, rank, world
+        self.warm: _Warm | None = None
+        self._saving: threading.Thread | None = None
+
+    def wait_saved(self) -> None:
+        """Block until the last round's inner state is on disk."""
+        if self._saving is not None:
+            self._saving.join()
+            self._saving = None
+
+    def train(
+        self, job: Job, weights: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor] | None, TrainReport]:
+        """Train the round; returns (new weights on rank 0 else None, this rank's report)."""
+        from nanochat.train import TrainConfig
+
+        self.wait_saved()
+        cfg = TrainConfig.from_dict(job.train_config)
+        torch.manual_seed(cfg.seed + job.global_step + self.rank)
+        try:
+            restored = self._prepare(job, cfg, weights)
+            res, joules = self._run(job, cfg)
+        except BaseException:
+            self.warm = None  # half-trained state is never reused
+            raise
+        assert self.warm is not None
+        self.warm.round = job.round
+        optimizers, rank, world = self.warm.optimizers, self.rank, self.world
+        self._saving = threading.Thread(
+            target=_save_inner, args=(optimizers, job, rank, world), name="save-inner"
         )
-    finally:
+        self._saving.start()
+        report = _report(job, res, joules, self.device, world, restored)
+        if rank != 0:
+            return None, report
+        return {k: v.detach().cpu() for k, v in self.warm.model.state_dict().items()}, report
+
+    def _prepare(self, job: Job, cfg: TrainConfig, weights: dict[str, torch.Tensor]) -> bool:
+        """The warm model holding ``weights`` and its optimizers; True if their inner state is
+        the site's own from a recent round (memory first, then node-local disk)."""
+        from nanochat.train import build_model, optimizers_for
+
+        key = (job.run, json.dumps(job.train_config, sort_keys=True), self.world)
+        warm = self.warm
+        if warm is not None and warm.key == key:
+            with torch.no_grad():
+                warm.model.load_state_dict(weights)  # in place; a bf16 transfer is cast back
+            if _inner_is_fresh(warm.round, job.round):
+                return True
+            warm.optimizers, warm.round = optimizers_for(warm.model, cfg), -1
+            return False
+        self.warm = None  # free the old model before building the new one
+        model, optimizers = build_model(cfg, self.device, weights)
+        self.warm = _Warm(key, model, optimizers, -1)
+        return _restore_inner(optimizers, job, self.rank, self.world)
+
+    def _run(self, job: Job, cfg: TrainConfig) -> tuple[TrainResult, float | None]:
+        from nanochat.train import run
+
+        assert self.warm is not None
+        rank, world = self.rank, self.world
+        # Every rank polls the stop key (the stop vote in nanochat.train.run is joint) and asks
+        # for its own data refills; only rank 0 publishes metrics and power.
+        sig = _connect_signals(job.run)
+        publish = sig is not None and rank == 0
+        loader = _loader(job, cfg, self.device, rank, world, _refiller(sig, job, rank, world))
+
+        def on_step(step: int, loss: float, tok_s: float, lrm: float) -> None:
+            if publish:
+                sig.log_step(job.site, step=step, loss=loss, tok_s=tok_s, lr=lrm, round=job.round)
+
+        energy = _Energy(self.device)
+        # The simulation's GPU actor turns the state word into the site's power model.
         if publish:
-            sig.set_power(job.site, "idle")
-    _save_inner(optimizers, job, rank, world)
-    result = _report(job, res, energy.joules(), device, world, restored)
-    if rank != 0:
-        return None, result
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, result
+            sig.set_power(job.site, "train")
+        try:
+            res = run(
+                self.warm.model,
+                self.warm.optimizers,
+                loader,
+                cfg,
+                start_step=job.global_step,
+                max_steps=job.max_steps,
+                deadline=job.deadline_wall,
+                should_stop=_stopper(sig, job.site, job.round),
+                on_step=on_step,
+                ddp=world > 1,
+                autocast_ctx=self.autocast_ctx,
+            )
+        finally:
+            if publish:
+                sig.set_power(job.site, "idle")
+        return res, energy.joules()
 
 
 def _loader(
@@ -288,7 +350,9 @@ def _spawned(rank: int, world: int, port: int, job: Job, workdir: str) -> None:
     device, autocast_ctx, _, _ = device_setup()
     try:
         weights = torch.load(Path(workdir) / "global.pt", map_location="cpu", weights_only=True)
-        state, result = _worker(job, weights, device, autocast_ctx, rank, world)
+        worker = Worker(device, autocast_ctx, rank, world)
+        state, result = worker.train(job, weights)
+        worker.wait_saved()
         if rank == 0:
             torch.save({"state": state, "result": asdict(result)}, Path(workdir) / "result.pt")
     finally:
@@ -304,15 +368,22 @@ def world_size(job: Job) -> int:
 
 
 def run_job(
-    job: Job, weights: dict[str, torch.Tensor]
+    job: Job, weights: dict[str, torch.Tensor], worker: Worker | None = None
 ) -> tuple[dict[str, torch.Tensor], TrainReport]:
-    """Train this site's share of the round; returns (new weights, summary)."""
+    """Train this site's share of the round; returns (new weights, summary). A persistent
+    trainer passes its warm single-process ``worker``; without one, a fresh worker trains and
+    its inner state is on disk on return."""
     world = world_size(job)
     if world == 1:
-        from nanochat.common import device_setup
+        own = worker is None
+        if worker is None:
+            from nanochat.common import device_setup
 
-        device, autocast_ctx, _, _ = device_setup(threads=job.cpu_threads or None)
-        state, result = _worker(job, weights, device, autocast_ctx, 0, 1)
+            device, autocast_ctx, _, _ = device_setup(threads=job.cpu_threads or None)
+            worker = Worker(device, autocast_ctx)
+        state, result = worker.train(job, weights)
+        if own:
+            worker.wait_saved()
         assert state is not None
         return state, result
 

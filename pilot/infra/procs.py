@@ -79,6 +79,27 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def command_line(pid: int) -> list[str]:
+    """The process's argv from /proc ([] if it is gone or not ours to read)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def ancestor_running(program: str, pid: int | None = None) -> int | None:
+    """The nearest ancestor of ``pid`` (default: this process) whose argv names ``program``
+    (as a word of its command line, e.g. ``flower-supernode``), or None."""
+    st = _stat(os.getpid() if pid is None else pid)
+    while st is not None and st[1] > 1:
+        parent = st[1]
+        if any(Path(a).name == program for a in command_line(parent)[:2]):
+            return parent
+        st = _stat(parent)
+    return None
+
+
 def alive(pid: int) -> bool:
     """True if the process exists and is not a zombie."""
     st = _stat(pid)

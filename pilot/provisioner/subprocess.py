@@ -17,6 +17,7 @@ adopts the live node of a site from its pid file instead of starting a second on
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -29,6 +30,8 @@ from typing import Any
 
 from pilot.infra.procs import alive, descendants, free_port
 from pilot.provisioner.base import Provisioner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +64,7 @@ class SubprocessProvisioner(Provisioner):
         stop_timeout_s: float = 10.0,
         root_certificates: str | Path = "",
         auth_keys_dir: str | Path = "",
+        on_launch: Callable[[Path, int, Mapping[str, str], int], None] | None = None,
         **_: Any,
     ):
         self.sites = {s.name: s for s in sites}
@@ -73,6 +77,9 @@ class SubprocessProvisioner(Provisioner):
         # TLS: nodes verify the SuperLink with this CA; node auth: each signs with <site>.key.
         self.root_certificates = str(root_certificates)
         self.auth_keys_dir = Path(auth_keys_dir) if auth_keys_dir else None
+        # on_launch(node dir, node pid, node env, cpu threads): what starts beside a new node
+        # (the site's persistent trainer), so it is ready by the node's first order
+        self.on_launch = on_launch
         if self.auth_keys_dir is not None:
             missing = [s for s in self.sites if not (self.auth_keys_dir / f"{s}.key").is_file()]
             if missing:
@@ -159,6 +166,11 @@ class SubprocessProvisioner(Provisioner):
                 start_new_session=True,
             )
         self._pidfile(site).write_text(f"{proc.pid}\n")
+        if self.on_launch is not None:
+            try:
+                self.on_launch(node_dir, proc.pid, env, self.cpu_threads)
+            except Exception as e:  # noqa: BLE001 - the node's first order starts it instead
+                log.warning("could not start beside the node of %s: %s", site, e)
         return _Node("running", ready_at=ready_at, proc=proc, pid=proc.pid, port=port)
 
     def _terminate(self, site: str, node: _Node, drain: bool) -> None:
