@@ -11,12 +11,15 @@ model config, data and token count for all; default: a d2 model on the offline d
 and its 8192-token tokenizer under $CURTAIL_HOME (built on first use), ~6 min on 2 CPU cores.
 Prints each final bpb and the ratios to (a), writes a loss-vs-tokens plot, and ends with
     bpb_central=.. bpb_curtailed=.. bpb_federated=.. ratio_curtailed=.. ratio_federated=..
+and, with ``--updates fp32 bf16 int8``, (b) again with each site update dtype (the live wire
+format, int8 with error feedback): ``bpb_update_<d>=.. ratio_update_<d>=..`` (to fp32's).
 (b) there is the live join rule's (--join-rule both also runs the other one and prints it).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -65,6 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer-dir", default=None, help="default: $CURTAIL_HOME/tokenizer/demo")
     p.add_argument("--plot", default="parity.png")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument(
+        "--updates", nargs="*", default=[], choices=["fp32", "bf16", "int8"],
+        help="also run (b) with each site update dtype and print its bpb against fp32's",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -162,6 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     results = [parity.central(setup, args.steps)]
     results += [parity.federated(setup, r, name) for name, r in rounds.items()]
+    live_name = (
+        f"curtailed/{LIVE_JOIN_RULE}"
+        if f"curtailed/{LIVE_JOIN_RULE}" in rounds
+        else next(iter(rounds))
+    )
+    updates = {
+        d: parity.federated(
+            dataclasses.replace(setup, update_dtype=d), rounds[live_name], f"{live_name}/{d}"
+        )
+        for d in args.updates
+    }
+    results += list(updates.values())
     for res in results:
         report(res, results[0])
     plot(Path(args.plot), results)
@@ -175,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         f"bpb_central={a:.4f} bpb_curtailed={b:.4f} bpb_federated={c:.4f} "
         f"ratio_curtailed={b / a:.4f} ratio_federated={c / a:.4f}"
     )
+    if updates:
+        ref = updates.get("fp32", live).bpb
+        print(
+            " ".join(
+                f"bpb_update_{d}={r.bpb:.4f} ratio_update_{d}={r.bpb / ref:.4f}"
+                for d, r in updates.items()
+            )
+        )
     return 0
 
 

@@ -14,8 +14,11 @@ and prints for each
 
   start_to_first_step_s   message in (or process start) -> first training step begins
   last_step_to_reply_s    last step ends -> reply deflated into Flower's wire objects
-  bytes_fp32 / bytes_bf16 Flower wire bytes of the model, each way per round (transfer_dtype
+  bytes_fp32 / bytes_bf16 Flower wire bytes of the global model sent to a site (transfer_dtype
                           fp32 vs bf16; trained-like weights, so nothing deduplicates)
+
+and, per depth, the bytes of a site's update (its pseudo-gradient) for each update_dtype as
+ratios of the fp32 weights: ``bytes_ratio_bf16=.. bytes_ratio_int8=..``.
 
 Network and SuperLink queueing are not included (they depend on the deployment). A tiny
 demo corpus and tokenizer are built in a temp dir. Last line, the largest model's:
@@ -166,6 +169,8 @@ def main() -> None:
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.tokenizer import Tokenizer
     from pilot.control.aggregate import encode_state
+    from pilot.control.updates import UPDATE_DTYPES, encode_update
+    from pilot.control.wire import raw_to_record
     from pilot.flower.trainer import relay
 
     tmp = Path(tempfile.mkdtemp(prefix="round-overhead-"))
@@ -190,6 +195,11 @@ def main() -> None:
         rec32 = encode_state(state, torch.float32)
         b32, objs = _deflate(rec32)
         b16, _ = _deflate(encode_state(state, torch.bfloat16))
+        # the update a site sends back (its pseudo-gradient), each update_dtype on the wire
+        trained = {k: v - 1e-4 * torch.randn_like(v) for k, v in state.items()}
+        ups = {
+            d: _deflate(raw_to_record(encode_update(state, trained, d)))[0] for d in UPDATE_DTYPES
+        }
         wire = tmp / f"wire-{depth}.pkl"
         with open(wire, "wb") as f:
             pickle.dump((rec32.object_id, objs), f)
@@ -218,8 +228,13 @@ def main() -> None:
             f"cold_start_s={cold['start_to_first_step_s']:.2f} "
             f"warm_start_s={warm['start_to_first_step_s']:.2f} "
             f"warm_reply_s={warm['last_step_to_reply_s']:.2f} "
-            f"fixed_share_600s={fixed / 600:.4f} bytes_ratio_bf16={b16 / b32:.3f}"
+            f"fixed_share_600s={fixed / 600:.4f}"
         )
+        ratios = (
+            f"update_bytes fp32={ups['fp32']} bf16={ups['bf16']} int8={ups['int8']} "
+            f"bytes_ratio_bf16={ups['bf16'] / b32:.3f} bytes_ratio_int8={ups['int8'] / b32:.3f}"
+        )
+    print(ratios)
     print(last)
 
 

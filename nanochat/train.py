@@ -87,6 +87,7 @@ class TrainResult:
     cursor: list[dict]  # loader cursor of every rank, index = rank
     consumed: dict[str, int]  # rows consumed per chunk, merged over ranks
     stats: dict = field(default_factory=dict)  # loader stats summed over ranks
+    step_s: list[float] = field(default_factory=list)  # wall seconds of each step (this rank)
 
 
 def compiled(model: GPT, backend: str) -> torch.nn.Module:
@@ -232,6 +233,7 @@ def run(
     model.train()
     step = start_step
     losses: list[float] = []
+    step_s: list[float] = []
     started_at = time.time()
     last_step_s = 0.0
     stopped_by = "steps"
@@ -276,6 +278,7 @@ def run(
         step += 1
         losses.append(mean_loss)
         last_step_s = time.time() - t0
+        step_s.append(last_step_s)
         if on_step is not None:
             on_step(step, mean_loss, tokens_per_step / max(last_step_s, 1e-9), lrm)
 
@@ -301,6 +304,7 @@ def run(
         cursor=cursors,
         consumed=consumed,
         stats=stats,
+        step_s=step_s,
     )
 
 

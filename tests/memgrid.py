@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from flwr.app import Message
 
-from pilot.control.aggregate import decode_state, encode_state, transfer_dtype
+from pilot.control.aggregate import decode_state, encode_arrays
 from pilot.control.data_ledger import chunk_key
+from pilot.control.updates import UPDATE_DTYPES, encode_update
+from pilot.control.wire import raw_to_record
 from pilot.flower.messages import SiteInfo, TrainOrder, TrainReport
 
 STEP_S = 0.02  # wall seconds a fake step "takes"
@@ -98,14 +100,16 @@ class MemGrid:
             return None  # still "training"
         site.orders.append(order)
         steps = max(1, int((min(now, order.deadline_wall) - p.started) / STEP_S))
-        state = decode_state(p.msg.content["model"])
-        state = {k: v + site.delta if v.is_floating_point() else v for k, v in state.items()}
+        base = decode_state(p.msg.content["model"])
+        state = {k: v + site.delta if v.is_floating_point() else v for k, v in base.items()}
         loss = 6.0 - 0.001 * (order.global_step + steps)
         if site.bad == "nan":
             loss = float("nan")
-        elif site.bad == "shape":
+        arrays = encode_update(base, state, order.update_dtype)
+        if site.bad == "shape":
             name = next(k for k, v in state.items() if v.is_floating_point())
-            state[name] = torch.zeros(3, 3)
+            wrong = encode_arrays({name: torch.zeros(3, 3)}, UPDATE_DTYPES[order.update_dtype])
+            arrays = [wrong[0] if a[0] == name else a for a in arrays]
         tokens = steps * int(order.train_config["total_batch_size"])
         if site.bad == "tokens":  # claims 10x the work: 10x the weight in the average
             tokens *= 10
@@ -124,8 +128,7 @@ class MemGrid:
             end_step=order.global_step + steps,
             losses=[loss] * steps,
         )
-        model = encode_state(state, transfer_dtype(order.transfer_dtype))
-        return Message(report.to_record(model), reply_to=p.msg)
+        return Message(report.to_record(raw_to_record(arrays)), reply_to=p.msg)
 
 
 def _read_all(assignment: dict) -> dict[str, int]:

@@ -15,8 +15,9 @@ from multiprocessing.connection import Client
 import pytest
 import torch
 
-from pilot.control.aggregate import decode_arrays, encode_arrays
+from pilot.control.aggregate import encode_arrays
 from pilot.control.data_ledger import DataLedger
+from pilot.control.updates import decode_update
 from pilot.flower.trainer import relay
 from pilot.flower.trainer.channel import Endpoint, Job
 from pilot.infra.procs import alive
@@ -76,10 +77,11 @@ def _weights() -> dict[str, torch.Tensor]:
 
 
 def _round(node, job, weights):
+    """One order through the relay: (report fields, the site's model rebuilt from its update)."""
     proc, node_dir = node
     fields, out = relay.train(node_dir, asdict(job), encode_arrays(weights, torch.float32), 1,
                               node_pid=proc.pid)  # fmt: skip
-    return fields, decode_arrays(out)
+    return fields, decode_update(out, weights, job.update_dtype)
 
 
 def test_rounds_reuse_one_warm_trainer_and_its_inner_state(node, demo_data, tokenizer_dir):
@@ -89,9 +91,9 @@ def test_rounds_reuse_one_warm_trainer_and_its_inner_state(node, demo_data, toke
         node, _job(node_dir, demo_data, tokenizer_dir, ledger, 1, 0, run="warm"), weights
     )
     pid = relay.hello(node_dir)["pid"]
-    second, w2 = _round(
-        node, _job(node_dir, demo_data, tokenizer_dir, ledger, 2, 2, run="warm"), w1
-    )
+    job = _job(node_dir, demo_data, tokenizer_dir, ledger, 2, 2, run="warm")
+    job.update_dtype = "int8"  # the first round's update came back in bf16, this one in int8
+    second, w2 = _round(node, job, w1)
     assert relay.hello(node_dir)["pid"] == pid  # the same process served both rounds
     assert (first["steps"], first["inner_restored"]) == (2, False)
     assert (second["steps"], second["start_step"], second["inner_restored"]) == (2, 2, True)

@@ -32,6 +32,7 @@ from nanochat.tokenizer import Tokenizer
 from nanochat.train import TrainConfig, build_model, run, val_bpb
 from pilot.analysis.schedule import PlannedRound
 from pilot.control.aggregate import OuterOptimizer, weighted_average
+from pilot.control.updates import decode_update, encode_update
 
 DATA_ORDERS = ("sites", "stream")
 
@@ -46,6 +47,7 @@ class Setup:
     outer_lr: float = 1.0
     outer_momentum: float = 0.9
     evals: int = 6  # validation points on each curve (the last one is the final bpb)
+    update_dtype: str = "fp32"  # what a site's update travels in (pilot.control.updates)
 
 
 @dataclass
@@ -131,6 +133,7 @@ def federated(setup: Setup, rounds: list[PlannedRound], name: str) -> Result:
     # one model + inner optimizer per site, kept across rounds (DiLoCo's inner state)
     trainers = {s: build_model(cfg) for s in sites}
     loaders = _site_loaders(setup, sites)
+    feedback: dict[str, dict] = {s: {} for s in sites}  # each site's int8 rounding error
     outer = OuterOptimizer(setup.outer, setup.outer_lr, setup.outer_momentum)
     total = sum(w.steps for r in rounds for w in r.work.values()) * cfg.total_batch_size
     curve = _Curve(setup, res, total)
@@ -141,7 +144,9 @@ def federated(setup: Setup, rounds: list[PlannedRound], name: str) -> Result:
             model, optimizers = trainers[site]
             model.load_state_dict(state)
             out = run(model, optimizers, loaders[site], cfg, start_step=step, max_steps=w.steps)
-            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            # the site's update through the wire format the live system uses, and back
+            arrays = encode_update(state, model.state_dict(), setup.update_dtype, feedback[site])
+            states.append(decode_update(arrays, state, setup.update_dtype))
             weights.append(float(out.tokens))
             losses += out.losses
         state = outer.step(state, weighted_average(states, weights))

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pilot.analysis import quality
+from pilot.analysis import goodput, quality
 from pilot.analysis.figure import MODE_COLORS, losses, mode_spans, timeline
 from pilot.analysis.replay import accounted_span, replay
 from pilot.analysis.tables import markdown_table, print_table, table_rows
@@ -138,6 +138,7 @@ def _markdown(report: dict[str, Any]) -> str:
         if loss
         else "- round-mean train loss: no aggregated rounds",
         *quality.markdown(report),
+        *goodput.markdown(report),
         *(
             [f"- **{cut_h:.2f} h of the run lie outside the trace and are not accounted**"]
             if cut_h > 0
@@ -192,6 +193,7 @@ def build(
         "outside_trace_hours": cut_h,
         **_event_stats(events, modes, loss),
         **quality.summary(events),
+        **goodput.summary(events),
         **summary,
     }
 

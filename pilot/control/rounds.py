@@ -19,6 +19,9 @@ class Participant:
     sent_wall: float
     step: int = 0  # the global step its TRAIN starts at
     max_steps: int = 0  # the steps its TRAIN allows (the run's budget left)
+    base: State | None = (
+        None  # the weights its TRAIN carried (fp32): its update is relative to them
+    )
 
 
 @dataclass

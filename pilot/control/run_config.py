@@ -46,7 +46,8 @@ class RunConfig:
     join_min_s: float = 60.0  # a site joins a running round only with this much left
     reply_grace_s: float = 60.0  # WALL seconds past a deadline before a silent site is dropped
     poll_s: float = 0.5  # WALL seconds between Grid polls while messages are in flight
-    transfer_dtype: str = "fp32"
+    transfer_dtype: str = "fp32"  # the global model to the sites: fp32 | bf16
+    update_dtype: str = "bf16"  # a site's pseudo-gradient back: fp32 | bf16 | int8
     outer: str = "none"
     outer_lr: float = 1.0
     outer_momentum: float = 0.9
@@ -147,9 +148,11 @@ def _launch_paths(
 
 def _validate(cfg: RunConfig) -> None:
     from pilot.control.aggregate import OuterOptimizer, transfer_dtype
+    from pilot.control.updates import check_update_dtype
     from pilot.provisioner import KINDS
 
     transfer_dtype(cfg.transfer_dtype)
+    check_update_dtype(cfg.update_dtype)
     OuterOptimizer(cfg.outer, cfg.outer_lr, cfg.outer_momentum)
     if not 0 < cfg.round_min_s <= cfg.round_max_s:
         raise RunConfigError(

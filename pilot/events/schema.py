@@ -70,7 +70,7 @@ KINDS: dict[str, Kind] = {
             "run_start",
             "policy:str threshold:num ?run:str ?preset:str ?trace:any ?sites:str ?sim_start:num?"
             " ?speedup:num ?resumed:bool ?round:int ?global_step:int ?outer:str"
-            " ?transfer_dtype:str ?forecaster:str ?simulated:bool ?tick_s:num",
+            " ?transfer_dtype:str ?update_dtype:str ?forecaster:str ?simulated:bool ?tick_s:num",
             "the run (or a resumed run) begins; the simulator's replay sets simulated, forecaster",
         ),
         _kind(
@@ -114,9 +114,13 @@ KINDS: dict[str, Kind] = {
         _kind(
             "train_interval",
             "site:str start:num end:num ?energy_j:num? ?round:int ?tokens:int ?steps:int"
-            " ?loss:num? ?curve:list ?stopped_by:str ?cropped_tokens:int",
+            " ?loss:num? ?curve:list ?stopped_by:str ?cropped_tokens:int ?costs:dict",
             "a site trained over [start, end) (sim); curve: its per-step losses, binned;"
-            " energy_j: measured joules or null; cropped_tokens: read but cut by packing",
+            " energy_j: measured joules or null; cropped_tokens: read but cut by packing;"
+            " costs (first span of a reply): its fixed cost in wall seconds, start (TRAIN sent"
+            " -> order in the trainer), weights_in (-> first step), warmup (the first step's"
+            " excess), save (waiting for the last inner state to reach disk), weights_out"
+            " (last step -> reply received)",
         ),
         _kind(
             "round_end",

@@ -15,6 +15,7 @@ torch: the relay passes the model's raw bytes through.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -96,9 +97,12 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train_here(job: Job, arrays: list) -> tuple[TrainReport, list]:
-    """The round in this process: imports torch and builds the model for this one message."""
-    from pilot.control.aggregate import decode_arrays, encode_arrays, transfer_dtype
+    """The round in this process: imports torch and builds the model for this one message (an
+    int8 update's rounding error is not carried to the next round: no process outlives it)."""
+    from pilot.control.aggregate import decode_arrays
+    from pilot.control.updates import encode_update
     from pilot.flower.train_job import run_job
 
-    state, report = run_job(job, decode_arrays(arrays))
-    return report, encode_arrays(state, transfer_dtype(job.transfer_dtype))
+    base = decode_arrays(arrays)
+    state, report = run_job(job, base, received_at=time.time())
+    return report, encode_update(base, state, job.update_dtype)

@@ -136,6 +136,7 @@ class ElasticStrategy:
             global_step=state.global_step,
             outer=self.cfg.outer,
             transfer_dtype=self.cfg.transfer_dtype,
+            update_dtype=self.cfg.update_dtype,
         )
         return resumed
 

@@ -34,6 +34,18 @@ def _get(record: Any, key: str, kind: type | tuple[type, ...], where: str) -> An
     return value
 
 
+def _seconds(record: Any, key: str, where: str, default: float | None) -> float | None:
+    """An optional non-negative finite number of seconds (or a timestamp) from ``record``."""
+    if key not in record:
+        return default
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MessageError(f"{where}: {key}={value!r} is not a number")
+    if not math.isfinite(value) or value < 0:
+        raise MessageError(f"{where}: implausible {key}={value!r}")
+    return float(value)
+
+
 def _record(obj: Any, names: tuple[str, ...]) -> dict[str, Any]:
     """The dataclass's fields in ``names`` that are not None (none = absent)."""
     return {n: getattr(obj, n) for n in names if getattr(obj, n) is not None}
@@ -72,6 +84,7 @@ class TrainOrder:
     data_dir: str  # CURTAIL_HOME-relative unless absolute; resolved on the site
     tokenizer_dir: str
     max_steps: int | None = None  # the run's step budget left (None: no budget)
+    update_dtype: str = "bf16"  # what the site's pseudo-gradient travels in (control/updates)
 
     def to_record(self, model: Any) -> RecordDict:
         config = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -96,10 +109,20 @@ class TrainOrder:
             data_dir=_get(cfg, "data_dir", str, where),
             tokenizer_dir=_get(cfg, "tokenizer_dir", str, where),
             max_steps=None if max_steps is None else int(max_steps),
+            update_dtype=_get(cfg, "update_dtype", str, where),
         )
 
 
-_METRICS = ("tokens", "steps", "loss", "energy_j", "cropped_tokens")
+_METRICS = (
+    "tokens",
+    "steps",
+    "loss",
+    "energy_j",
+    "cropped_tokens",
+    "received_at",
+    "save_wait_s",
+    "warmup_s",
+)
 
 
 @dataclass
@@ -121,6 +144,12 @@ class TrainReport:
     device: str = "cpu"
     world: int = 1
     inner_restored: bool = False  # the site's inner optimizer state was reused (not fresh)
+    # measured in the trainer, for the goodput report: when the order was in (wall), how long
+    # it waited for the last round's inner state to reach disk, and the first step's excess
+    # over a typical step (compilation, allocator warm-up)
+    received_at: float | None = None
+    save_wait_s: float = 0.0
+    warmup_s: float = 0.0
 
     def to_record(self, model: Any) -> RecordDict:
         metrics = _record(self, _METRICS)
@@ -172,6 +201,9 @@ class TrainReport:
             device=_get(report, "device", str, r),
             world=_get(report, "world", int, r),
             inner_restored=bool(report.get("inner_restored", False)),
+            received_at=_seconds(metrics, "received_at", m, None),
+            save_wait_s=_seconds(metrics, "save_wait_s", m, 0.0),
+            warmup_s=_seconds(metrics, "warmup_s", m, 0.0),
         )
 
     def check(self, site: str, order_step: int, tokens_per_step: int, max_steps: int) -> None:

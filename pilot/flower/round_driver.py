@@ -15,7 +15,7 @@ from pilot.control.rounds import Participant, Reply, Round
 from pilot.control.scheduler import RoundPlan, Timing, end_round, may_refill
 from pilot.flower.context import RunContext
 from pilot.flower.messages import MessageError, TrainOrder, TrainReport
-from pilot.flower.replies import interval_events, to_reply
+from pilot.flower.replies import fixed_costs, interval_events, to_reply
 
 TTL_MARGIN_S = 60.0  # a TRAIN message outlives its deadline and grace by this (wall seconds)
 
@@ -126,8 +126,9 @@ class RoundDriver:
                 )
 
     # -- TRAIN out --------------------------------------------------------------------------
-    def _order(self, site: str, now: float) -> tuple[Any, Assignment, TrainOrder] | None:
-        """``site``'s TRAIN message, lease and order (None: no data left for it). A paused site
+    def _order(self, site: str, now: float) -> tuple[Any, Assignment, TrainOrder, Any] | None:
+        """``site``'s TRAIN message, lease, order and the weights it carries (None: no data
+        left for it). A paused site
         resumes from its own weights, at its own place in the schedule, reading on where it
         stopped in the chunks it still holds."""
         from flwr.app import Message
@@ -154,10 +155,10 @@ class RoundDriver:
             data_dir=cfg.data_dir,
             tokenizer_dir=cfg.tokenizer_dir,
             max_steps=max(0, cfg.num_iterations - step),
+            update_dtype=cfg.update_dtype,
         )
-        model = (
-            encode_state(before.state, ctx.dtype) if before else ctx.server.model.encoded(ctx.dtype)
-        )
+        base = before.state if before else ctx.server.model.weights
+        model = encode_state(base, ctx.dtype) if before else ctx.server.model.encoded(ctx.dtype)
         ttl = max(TTL_MARGIN_S, r.deadline_wall - now + cfg.reply_grace_s + TTL_MARGIN_S)
         node = ctx.fleet.node(site)
         msg = Message(
@@ -167,7 +168,7 @@ class RoundDriver:
             group_id=str(r.n),
             ttl=ttl,
         )
-        return msg, assignment, order
+        return msg, assignment, order, base
 
     def send_train(self, sites: list[str], joined: bool) -> None:
         ctx, r, now = self.ctx, self.round, time.time()
@@ -175,8 +176,8 @@ class RoundDriver:
         planned = [(site, o) for site in sites if (o := self._order(site, now)) is not None]
         if not planned:
             return
-        mids = ctx.grid.push_messages([msg for _, (msg, _, _) in planned])
-        for (site, (_, assignment, order)), mid in zip(planned, mids, strict=True):
+        mids = ctx.grid.push_messages([msg for _, (msg, _, _, _) in planned])
+        for (site, (_, assignment, order, base)), mid in zip(planned, mids, strict=True):
             if not mid:
                 if site not in r.replies:  # a failed resume keeps its lease for its reply
                     ctx.server.ledger.release(site)
@@ -188,7 +189,7 @@ class RoundDriver:
             node = ctx.fleet.node(site)
             r.participants[site] = Participant(
                 site, node, mid, r.deadline_wall, assignment, joined, now,
-                order.global_step, order.max_steps or 0,
+                order.global_step, order.max_steps or 0, base,
             )  # fmt: skip
             if joined:
                 deadline_t = ctx.clock.sim_now(r.deadline_wall)
@@ -234,13 +235,14 @@ class RoundDriver:
         ctx, r = self.ctx, self.round
         assert r is not None
         report = TrainReport.from_message(msg)
-        # energy was spent whether or not the weights are usable: account it first
-        for fields in interval_events(site, r.n, report, ctx.clock.sim_now):
-            ctx.events.emit("train_interval", **fields)
         p = r.participants[site]
+        costs = fixed_costs(report, p.sent_wall, time.time())
+        # energy was spent whether or not the weights are usable: account it first
+        for fields in interval_events(site, r.n, report, ctx.clock.sim_now, costs):
+            ctx.events.emit("train_interval", **fields)
         report.check(site, p.step, int(ctx.cfg.train["total_batch_size"]), p.max_steps)
         state = ctx.server
-        reply, new_rows = to_reply(site, report, msg, state.model.weights, ctx.dtype, state.ledger)
+        reply, new_rows = to_reply(site, report, msg, p.base, ctx.cfg.update_dtype, state.ledger)
         total_s = sum(e - s for s, e in report.intervals)
         if new_rows > 0 and total_s > 0:
             state.rates[site] = new_rows / total_s

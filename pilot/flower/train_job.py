@@ -18,13 +18,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nanochat.paths import atomic_write
+from pilot.flower import inner_state
 from pilot.flower.messages import TrainReport
 from pilot.flower.trainer.channel import Job
 from pilot.infra.procs import free_port
@@ -43,10 +43,6 @@ STOP_POLL_S = 0.5
 # long for the answer (the server answers within a control-loop tick, ~0.5 s).
 REFILL_MIN_LEFT_S = 2.0
 REFILL_WAIT_S = 10.0
-# A site's inner optimizer state (AdamW/Muon moments) is reused for a round at most this many
-# rounds after the round it comes from: a site that sat out longer would apply the moments of
-# a model the others have moved on from, so it starts them fresh.
-INNER_MAX_ROUND_LAG = 4
 
 
 def _connect_signals(run: str):
@@ -129,49 +125,6 @@ def _refiller(sig, job: Job, rank: int, world: int) -> Callable[[], tuple[list, 
     return refill
 
 
-def _inner_is_fresh(saved_round: int, round_n: int) -> bool:
-    """The staleness rule: inner state from round ``saved_round`` serves round ``round_n``
-    if it is at most INNER_MAX_ROUND_LAG rounds older (and from this run, config and world)."""
-    return 0 <= saved_round <= round_n <= saved_round + INNER_MAX_ROUND_LAG
-
-
-def _inner_path(job: Job, rank: int) -> Path:
-    return Path(job.state_dir) / f"inner-rank{rank}.pt"
-
-
-def _restore_inner(optimizers: list, job: Job, rank: int, world: int) -> bool:
-    """Load the inner optimizer state saved by this site's previous round, if compatible."""
-    path = _inner_path(job, rank)
-    if not path.is_file():
-        return False
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if (
-            saved["run"] != job.run
-            or saved["world"] != world
-            or saved["train_config"] != json.dumps(job.train_config, sort_keys=True)
-            or not _inner_is_fresh(int(saved["round"]), job.round)
-        ):
-            return False
-        for opt, sd in zip(optimizers, saved["optim"], strict=True):
-            opt.load_state_dict(sd)
-        return True
-    except (OSError, RuntimeError, KeyError, ValueError):
-        return False  # a torn or foreign file: start the inner optimizer fresh
-
-
-def _save_inner(optimizers: list, job: Job, rank: int, world: int) -> None:
-    path = _inner_path(job, rank)
-    state = {
-        "run": job.run,
-        "world": world,
-        "round": job.round,
-        "train_config": json.dumps(job.train_config, sort_keys=True),
-        "optim": [o.state_dict() for o in optimizers],
-    }
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
 @dataclass
 class _Warm:
     """What a trainer keeps between rounds for one (run, train config, world)."""
@@ -180,6 +133,8 @@ class _Warm:
     model: GPT
     optimizers: list[torch.optim.Optimizer]
     round: int  # the round its inner optimizer state comes from (-1: fresh)
+    # an int8 update's rounding error, added to the next update (pilot.control.updates)
+    feedback: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Worker:
@@ -201,12 +156,15 @@ class Worker:
             self._saving = None
 
     def train(
-        self, job: Job, weights: dict[str, torch.Tensor]
+        self, job: Job, weights: dict[str, torch.Tensor], received_at: float | None = None
     ) -> tuple[dict[str, torch.Tensor] | None, TrainReport]:
-        """Train the round; returns (new weights on rank 0 else None, this rank's report)."""
+        """Train the round; returns (new weights on rank 0 else None, this rank's report).
+        ``received_at``: when the order was in (default: now)."""
         from nanochat.train import TrainConfig
 
+        t0 = time.time()
         self.wait_saved()
+        save_wait_s = time.time() - t0
         cfg = TrainConfig.from_dict(job.train_config)
         torch.manual_seed(cfg.seed + job.global_step + self.rank)
         try:
@@ -219,10 +177,11 @@ class Worker:
         self.warm.round = job.round
         optimizers, rank, world = self.warm.optimizers, self.rank, self.world
         self._saving = threading.Thread(
-            target=_save_inner, args=(optimizers, job, rank, world), name="save-inner"
+            target=inner_state.save, args=(optimizers, job, rank, world), name="save-inner"
         )
         self._saving.start()
         report = _report(job, res, joules, self.device, world, restored)
+        report.received_at, report.save_wait_s = received_at or t0, save_wait_s
         if rank != 0:
             return None, report
         return {k: v.detach().cpu() for k, v in self.warm.model.state_dict().items()}, report
@@ -237,14 +196,14 @@ class Worker:
         if warm is not None and warm.key == key:
             with torch.no_grad():
                 warm.model.load_state_dict(weights)  # in place; a bf16 transfer is cast back
-            if _inner_is_fresh(warm.round, job.round):
+            if inner_state.is_fresh(warm.round, job.round):
                 return True
             warm.optimizers, warm.round = optimizers_for(warm.model, cfg), -1
             return False
         self.warm = None  # free the old model before building the new one
         model, optimizers = build_model(cfg, self.device, weights)
         self.warm = _Warm(key, model, optimizers, -1)
-        return _restore_inner(optimizers, job, self.rank, self.world)
+        return inner_state.restore(optimizers, job, self.rank, self.world)
 
     def _run(self, job: Job, cfg: TrainConfig) -> tuple[TrainResult, float | None]:
         from nanochat.train import run
@@ -333,7 +292,16 @@ def _report(
         device=device.type,
         world=world,
         inner_restored=restored,
+        warmup_s=_warmup(res.step_s),
     )
+
+
+def _warmup(step_s: list[float]) -> float:
+    """The first step's excess over the median of the others: compilation and warm-up, which
+    the step clock counts as training (0 with fewer than two steps)."""
+    if len(step_s) < 2:
+        return 0.0
+    return max(0.0, step_s[0] - statistics.median(step_s[1:]))
 
 
 def _spawned(rank: int, world: int, port: int, job: Job, workdir: str) -> None:
@@ -368,7 +336,10 @@ def world_size(job: Job) -> int:
 
 
 def run_job(
-    job: Job, weights: dict[str, torch.Tensor], worker: Worker | None = None
+    job: Job,
+    weights: dict[str, torch.Tensor],
+    worker: Worker | None = None,
+    received_at: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainReport]:
     """Train this site's share of the round; returns (new weights, summary). A persistent
     trainer passes its warm single-process ``worker``; without one, a fresh worker trains and
@@ -381,7 +352,7 @@ def run_job(
 
             device, autocast_ctx, _, _ = device_setup(threads=job.cpu_threads or None)
             worker = Worker(device, autocast_ctx)
-        state, result = worker.train(job, weights)
+        state, result = worker.train(job, weights, received_at)
         if own:
             worker.wait_saved()
         assert state is not None
@@ -394,4 +365,6 @@ def run_job(
         torch.save(weights, Path(workdir) / "global.pt")
         mp.spawn(_spawned, args=(world, free_port(), job, workdir), nprocs=world, join=True)
         out = torch.load(Path(workdir) / "result.pt", map_location="cpu", weights_only=True)
-    return out["state"], TrainReport(**out["result"])
+    result = TrainReport(**out["result"])
+    result.received_at = received_at or result.received_at
+    return out["state"], result

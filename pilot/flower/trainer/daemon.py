@@ -52,16 +52,21 @@ def _watch(pid: int, node_dir: Path) -> None:
     os._exit(0)
 
 
-def _train(worker: Any, job_fields: dict, arrays: list[RawArray]) -> tuple[dict, list[RawArray]]:
+def _train(
+    worker: Any, job_fields: dict, arrays: list[RawArray], received_at: float
+) -> tuple[dict, list[RawArray]]:
     """One TRAIN order through the warm worker: (header, new model arrays) or the error."""
-    from pilot.control.aggregate import decode_arrays, encode_arrays, transfer_dtype
+    from pilot.control.aggregate import decode_arrays
+    from pilot.control.updates import encode_update
     from pilot.flower.train_job import run_job
     from pilot.flower.trainer.channel import Job
 
     try:
         job = Job(**job_fields)
-        state, report = run_job(job, decode_arrays(arrays), worker)
-        return {"report": asdict(report)}, encode_arrays(state, transfer_dtype(job.transfer_dtype))
+        base = decode_arrays(arrays)
+        state, report = run_job(job, base, worker, received_at)
+        feedback = worker.warm.feedback if worker.warm is not None else None
+        return {"report": asdict(report)}, encode_update(base, state, job.update_dtype, feedback)
     except Exception as e:  # noqa: BLE001 - the order fails, the trainer does not
         _log(f"round failed:\n{traceback.format_exc()}")
         return {"error": " ".join(" ".join(traceback.format_exception_only(e)).split())}, []
@@ -80,12 +85,13 @@ def serve(listener: Listener, worker: Any) -> None:
         with conn:
             try:
                 header, arrays = recv(conn)
+                received_at = time.time()
                 op = header.get("op")
                 if op == "hello":
                     send(conn, {"pid": os.getpid(), "code": code_id(), "protocol": PROTOCOL})
                 elif op == "train":
                     t0 = time.time()
-                    send(conn, *_train(worker, header["job"], arrays))
+                    send(conn, *_train(worker, header["job"], arrays, received_at))
                     _log(f"round {header['job']['round']} answered in {time.time() - t0:.1f} s")
                 elif op == "stop":
                     worker.wait_saved()
