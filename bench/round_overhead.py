@@ -99,7 +99,7 @@ def _persistent(node_dir: Path, job: dict, record_id: str, objs: dict) -> dict:
     from pilot.flower.trainer import relay
 
     t0 = time.time()
-    arrays = record_to_raw(_inflate(record_id, objs))
+    arrays = record_to_raw(_inflate(record_id, dict(objs)))  # inflating consumes the dict
     fields, out = relay.train(node_dir, {**job, "deadline_wall": t0 + 3600}, arrays, 0, os.getpid())
     nbytes, _ = _deflate(raw_to_record(out))
     t_reply = time.time()

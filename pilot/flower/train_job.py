@@ -33,6 +33,7 @@ from pilot.infra.signals import ENV_URL as ENV_REDIS
 if TYPE_CHECKING:  # hints only: the helpers below import these when a job runs
     from nanochat.dataloader import DataLoader
     from nanochat.gpt import GPT
+    from nanochat.tokenizer import Tokenizer
     from nanochat.train import TrainConfig, TrainResult
 
 # How often a training process asks Redis for its stop key: cheap enough per step, but a
@@ -148,6 +149,15 @@ class Worker:
         self.device, self.autocast_ctx, self.rank, self.world = device, autocast_ctx, rank, world
         self.warm: _Warm | None = None
         self._saving: threading.Thread | None = None
+        self._tokenizers: dict[str, Tokenizer] = {}
+
+    def _tokenizer(self, path: str) -> Tokenizer:
+        """The tokenizer in ``path``, loaded once per trainer (it does not change in a run)."""
+        from nanochat.tokenizer import Tokenizer
+
+        if path not in self._tokenizers:
+            self._tokenizers[path] = Tokenizer.load(path)
+        return self._tokenizers[path]
 
     def wait_saved(self) -> None:
         """Block until the last round's inner state is on disk."""
@@ -214,7 +224,10 @@ class Worker:
         # for its own data refills; only rank 0 publishes metrics and power.
         sig = _connect_signals(job.run)
         publish = sig is not None and rank == 0
-        loader = _loader(job, cfg, self.device, rank, world, _refiller(sig, job, rank, world))
+        refill = _refiller(sig, job, rank, world)
+        loader = _loader(
+            job, cfg, self._tokenizer(job.tokenizer_dir), self.device, rank, world, refill
+        )
 
         def on_step(step: int, loss: float, tok_s: float, lrm: float) -> None:
             if publish:
@@ -245,14 +258,19 @@ class Worker:
 
 
 def _loader(
-    job: Job, cfg: TrainConfig, device: torch.device, rank: int, world: int, refill: Callable | None
+    job: Job,
+    cfg: TrainConfig,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    rank: int,
+    world: int,
+    refill: Callable | None,
 ) -> DataLoader:
     """This rank's DataLoader over the site's data assignment."""
     from nanochat.dataloader import DataLoader
-    from nanochat.tokenizer import Tokenizer
 
     return DataLoader(
-        Tokenizer.load(job.tokenizer_dir),
+        tokenizer,
         job.data_dir,
         cfg.device_batch_size,
         cfg.sequence_len,
